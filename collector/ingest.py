@@ -1,0 +1,126 @@
+"""The transport-independent part of an OTLP export: admit, decode, commit.
+
+Both receivers (gRPC and HTTP) call ``IngestPipeline.export`` with the request
+bytes and get back an ``ExportResult`` or one of the errors in ``errors``; they
+only translate that to their wire status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tracetrain.collector import otlp_wire
+from tracetrain.collector.errors import PayloadTooLargeError, PermanentError, RetryableError
+from tracetrain.collector.metrics import CollectorMetrics
+from tracetrain.collector.span_rows import decode_request
+from tracetrain.collector.span_writer import SpanWriter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What to tell the client: how many spans were rejected and why (partial_success)."""
+
+    rejected_spans: int = 0
+    error_message: str = ""
+
+
+class _RateLimitedLog:
+    """Log a bad-input line at most once per interval per reason (a flood must not fill disks)."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def warning(self, reason: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -1e9) >= self.interval_s:
+            self._last[reason] = now
+            logger.warning(message, *args)
+
+
+class IngestPipeline:
+    """Admission control, decoding and durable commit for one daemon."""
+
+    def __init__(
+        self,
+        writer: SpanWriter,
+        metrics: CollectorMetrics,
+        max_request_bytes: int = 64 << 20,
+        max_value_bytes: int = 8 << 20,
+        commit_timeout_s: float = 60.0,
+    ) -> None:
+        self.writer = writer
+        self.metrics = metrics
+        self.max_request_bytes = max_request_bytes
+        self.max_value_bytes = max_value_bytes
+        self.commit_timeout_s = commit_timeout_s
+        self._log = _RateLimitedLog()
+
+    def export(self, body: bytes, transport: str, parse: Callable[[bytes], Any] = otlp_wire.parse_protobuf,
+               peer: str = "?") -> ExportResult:
+        """Store the spans of one ExportTraceServiceRequest; return once durable.
+
+        Raises:
+            PermanentError: malformed or oversized request (do not retry).
+            RetryableError: over capacity or storage trouble (retry later).
+        """
+        received_ns = time.time_ns()
+        if len(body) > self.max_request_bytes:
+            self._bad(transport, "too_large", peer, f"{len(body)} bytes")
+            raise PayloadTooLargeError(
+                f"request is {len(body)} bytes, over the {self.max_request_bytes}-byte limit")
+        try:
+            ticket = self.writer.admit(len(body))
+        except RetryableError:
+            self.metrics.requests.labels(transport, "refused").inc()
+            raise
+        try:
+            try:
+                request = parse(body)
+                decoded = decode_request(request, received_ns, self.max_value_bytes,
+                                         self.writer.active_recent_keys())
+            except PermanentError as exc:
+                self._bad(transport, "malformed", peer, str(exc))
+                raise
+            future = self.writer.submit(decoded, ticket, received_ns)
+        except BaseException:
+            ticket.release()
+            raise
+        self.metrics.spans_received.inc(decoded.spans_total)
+        try:
+            future.result(timeout=self.commit_timeout_s)
+        except RetryableError:
+            self.metrics.spans_refused.inc(decoded.rows)
+            self.metrics.requests.labels(transport, "refused").inc()
+            raise
+        except TimeoutError:
+            self.metrics.spans_refused.inc(decoded.rows)
+            self.metrics.requests.labels(transport, "refused").inc()
+            raise RetryableError("commit did not finish in time; retry later", 2.0) from None
+        self.metrics.spans_accepted.inc(decoded.rows + decoded.spans_duplicate)
+        self.metrics.spans_duplicate.inc(decoded.spans_duplicate)
+        if decoded.spans_rejected:
+            self.metrics.spans_rejected.inc(decoded.spans_rejected)
+            self.metrics.requests.labels(transport, "partial").inc()
+            self._log.warning("rejected_spans", "%s export from %s: rejected %d of %d spans: %s", transport,
+                              peer, decoded.spans_rejected, decoded.spans_total, decoded.rejection_messages[0])
+            message = f"rejected {decoded.spans_rejected} of {decoded.spans_total} spans: " + "; ".join(
+                decoded.rejection_messages)
+            return ExportResult(decoded.spans_rejected, message)
+        self.metrics.requests.labels(transport, "ok").inc()
+        return ExportResult()
+
+    def _bad(self, transport: str, reason: str, peer: str, detail: str) -> None:
+        self.metrics.bad_requests.labels(reason).inc()
+        self.metrics.requests.labels(transport, "invalid").inc()
+        self._log.warning(reason, "%s export from %s refused (%s): %s", transport, peer, reason, detail[:300])
+
+    def count_unauthenticated(self, transport: str) -> None:
+        self.metrics.requests.labels(transport, "unauthenticated").inc()
+        self.metrics.bad_requests.labels("unauthenticated").inc()

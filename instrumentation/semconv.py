@@ -1,0 +1,149 @@
+"""The contract between what agents emit and what the collector and trainer read.
+
+This is a leaf module: standard library only, nothing of ours. It names
+
+* the span attributes tracetrain reads (OTel GenAI ``gen_ai.*`` keys where a
+  convention exists, ``tracetrain.*`` keys where none does), and
+* the columns of the span tables the collector writes and the trainer reads.
+
+Everything else refers to these constants, so a rename happens here and nowhere
+else. ``docs/schema.md`` documents the same names; ``tests`` check the two agree.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ---------------------------------------------------------------- schema version
+
+SCHEMA_VERSION: Final = 1
+"""Version of the span-table layout. Stored in every Parquet file's key-value
+metadata (``tracetrain.schema_version``) and in ``DATA/store.json``; bump it with a
+migration note in docs/schema.md whenever a column changes meaning or type."""
+
+PARQUET_SCHEMA_VERSION_KEY: Final = "tracetrain.schema_version"
+"""Parquet key-value metadata key that records SCHEMA_VERSION in each file."""
+
+# ---------------------------------------------------------------- OTel GenAI keys
+
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+"""``chat``, ``text_completion``, ``execute_tool``, ``invoke_agent``, ... (OTel GenAI)."""
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+"""Provider (OTel GenAI >= 1.37)."""
+GEN_AI_SYSTEM: Final = "gen_ai.system"
+"""Provider, deprecated predecessor of ``gen_ai.provider.name`` (OTel GenAI <= 1.36)."""
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+"""Model name asked for."""
+GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+"""Model name that answered (a LoRA adapter name on vLLM)."""
+GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+"""Completion id (``chatcmpl-...``)."""
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+"""Prompt tokens (OTel GenAI >= 1.27)."""
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+"""Completion tokens (OTel GenAI >= 1.27)."""
+GEN_AI_USAGE_PROMPT_TOKENS: Final = "gen_ai.usage.prompt_tokens"
+"""Prompt tokens, deprecated key still sent by vLLM and older instrumentations."""
+GEN_AI_USAGE_COMPLETION_TOKENS: Final = "gen_ai.usage.completion_tokens"
+"""Completion tokens, deprecated key still sent by vLLM and older instrumentations."""
+GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
+"""Chat history sent to the model (JSON string or structured value)."""
+GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
+"""Messages the model returned, one per choice."""
+GEN_AI_SYSTEM_INSTRUCTIONS: Final = "gen_ai.system_instructions"
+"""System prompt for APIs that take it apart from the history."""
+GEN_AI_AGENT_NAME: Final = "gen_ai.agent.name"
+"""Name of the agent that made the call (set on agent spans and often propagated)."""
+GEN_AI_CONVERSATION_ID: Final = "gen_ai.conversation.id"
+"""Conversation / session id."""
+GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
+"""Tool name on ``execute_tool`` spans."""
+OPENINFERENCE_TOKEN_COUNT_PROMPT: Final = "llm.token_count.prompt"
+"""OpenInference prompt token count."""
+OPENINFERENCE_TOKEN_COUNT_COMPLETION: Final = "llm.token_count.completion"
+"""OpenInference completion token count."""
+OPENINFERENCE_MODEL_NAME: Final = "llm.model_name"
+"""OpenInference model name."""
+SERVICE_NAME: Final = "service.name"
+"""Resource attribute naming the emitting service (OTel resource semconv)."""
+
+# ---------------------------------------------------------------- tracetrain keys
+
+INPUT_TOKEN_IDS: Final = "tracetrain.input.token_ids"
+"""int[]: prompt token ids exactly as the server tokenized them."""
+OUTPUT_TOKEN_IDS: Final = "tracetrain.output.token_ids"
+"""int[]: response token ids exactly as sampled."""
+OUTPUT_LOGPROBS: Final = "tracetrain.output.logprobs"
+"""double[]: behaviour log-probability of each response token (same length as ids)."""
+POLICY_VERSION: Final = "tracetrain.policy.version"
+"""int: policy version (weight push counter) that produced the response."""
+REWARD: Final = "tracetrain.reward"
+"""double: a reward for the episode (or for the call, on an LLM span)."""
+REWARD_SOURCE: Final = "tracetrain.reward.source"
+"""string: who gave the reward (``grader``, ``unit_tests``, ``user``...)."""
+EPISODE_ID: Final = "tracetrain.episode.id"
+"""string|int: one run of the agent on one task."""
+TASK_ID: Final = "tracetrain.task.id"
+"""string|int: the task an episode attempts; GRPO groups by it."""
+ROLLOUT_ID: Final = "tracetrain.rollout.id"
+"""string: one sample of a task within a rollout group."""
+ROLLOUT_GROUP: Final = "tracetrain.rollout.group"
+"""string|int: the group of samples drawn for one task."""
+
+# ---------------------------------------------------------------- span-table columns
+
+COL_TRACE_ID: Final = "trace_id"
+COL_SPAN_ID: Final = "span_id"
+COL_PARENT_SPAN_ID: Final = "parent_span_id"
+COL_NAME: Final = "name"
+COL_KIND: Final = "kind"
+COL_START_NS: Final = "start_time_unix_nano"
+COL_END_NS: Final = "end_time_unix_nano"
+COL_STATUS_CODE: Final = "status_code"
+COL_STATUS_MESSAGE: Final = "status_message"
+COL_SERVICE_NAME: Final = "service_name"
+COL_RESOURCE_ATTRIBUTES: Final = "resource_attributes"
+COL_SCOPE_NAME: Final = "scope_name"
+COL_SCOPE_VERSION: Final = "scope_version"
+COL_ATTRIBUTES: Final = "attributes"
+COL_EVENTS: Final = "events"
+COL_LINKS: Final = "links"
+COL_TRACE_STATE: Final = "trace_state"
+COL_RECEIVED_NS: Final = "received_unix_nano"
+COL_OPERATION: Final = "gen_ai_operation"
+COL_PROVIDER: Final = "gen_ai_provider"
+COL_REQUEST_MODEL: Final = "request_model"
+COL_RESPONSE_MODEL: Final = "response_model"
+COL_RESPONSE_ID: Final = "response_id"
+COL_INPUT_TOKENS: Final = "input_tokens"
+COL_OUTPUT_TOKENS: Final = "output_tokens"
+COL_INPUT_MESSAGES: Final = "input_messages"
+COL_OUTPUT_MESSAGES: Final = "output_messages"
+COL_SYSTEM_INSTRUCTIONS: Final = "system_instructions"
+COL_PROMPT_TOKEN_IDS: Final = "prompt_token_ids"
+COL_RESPONSE_TOKEN_IDS: Final = "response_token_ids"
+COL_RESPONSE_LOGPROBS: Final = "response_logprobs"
+COL_REWARD: Final = "reward"
+COL_POLICY_VERSION: Final = "policy_version"
+COL_EPISODE_ID: Final = "episode_id"
+COL_TASK_ID: Final = "task_id"
+COL_ROLLOUT_ID: Final = "rollout_id"
+COL_AGENT_NAME: Final = "agent_name"
+COL_CONVERSATION_ID: Final = "conversation_id"
+
+# Attributes promoted to typed columns and therefore NOT repeated in the JSON
+# ``attributes`` column (they are the bulky ones: storing them twice would double
+# the store). Every other attribute stays in ``attributes`` as well.
+PROMOTED_ATTRIBUTE_COLUMNS: Final = {
+    GEN_AI_INPUT_MESSAGES: COL_INPUT_MESSAGES,
+    GEN_AI_OUTPUT_MESSAGES: COL_OUTPUT_MESSAGES,
+    GEN_AI_SYSTEM_INSTRUCTIONS: COL_SYSTEM_INSTRUCTIONS,
+    INPUT_TOKEN_IDS: COL_PROMPT_TOKEN_IDS,
+    OUTPUT_TOKEN_IDS: COL_RESPONSE_TOKEN_IDS,
+    OUTPUT_LOGPROBS: COL_RESPONSE_LOGPROBS,
+}
+
+# Table and view names.
+TABLE_SPANS: Final = "spans"
+VIEW_LLM_CALLS: Final = "llm_calls"
+VIEW_EPISODES: Final = "episodes"
