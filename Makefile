@@ -1,0 +1,41 @@
+# tracetrain: the two set-up commands are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+NODE_DIR := tests/integration/node_exporter
+# Nothing in tests, CI or the demo may reach for the network.
+export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 WANDB_MODE=disabled
+export OTEL_NODE_RESOURCE_DETECTORS=env,host,os,process
+
+.PHONY: install node-deps test test-fast demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed  ## the core package and test tools in ./.venv
+
+$(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-deps: $(NODE_DIR)/node_modules/.installed  ## the Node.js OTel SDK used by the interop test
+
+test: install node-deps  ## every test, slow ones included
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: install  ## unit tests only
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+demo: install  ## the main job on embedded defaults
+	$(PY) examples/demo.py
+
+bench: install  ## ingest benchmark -> bench/results/*.json
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info tracetrain-data bench/work
