@@ -142,7 +142,7 @@ def query(data_dir: str | Path, sql: str, params: Any = None) -> pa.Table:
     """
     con = connect(data_dir)
     try:
-        relation = con.execute(sql, params) if params is not None else con.sql(sql)
+        relation = con.sql(sql, params=params)
         return relation.to_arrow_table() if relation is not None else pa.table({})
     finally:
         con.close()
