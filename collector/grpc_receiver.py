@@ -70,16 +70,21 @@ class GrpcReceiver:
             },
         )
         self.server.add_generic_rpc_handlers((handler,))
+        try:
+            self.port = self._bind(endpoint, tls_cert_file, tls_key_file)
+        except RuntimeError as exc:  # grpcio reports a taken port as RuntimeError
+            raise OSError(f"cannot listen on {endpoint} for OTLP/gRPC: {exc}") from None
+        if self.port == 0:
+            raise OSError(f"cannot listen on {endpoint} for OTLP/gRPC")
+
+    def _bind(self, endpoint: str, tls_cert_file: str | None, tls_key_file: str | None) -> int:
         if tls_cert_file and tls_key_file:
             with open(tls_key_file, "rb") as f:
                 key = f.read()
             with open(tls_cert_file, "rb") as f:
                 cert = f.read()
-            self.port = self.server.add_secure_port(endpoint, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = self.server.add_insecure_port(endpoint)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {endpoint} for OTLP/gRPC")
+            return self.server.add_secure_port(endpoint, grpc.ssl_server_credentials([(key, cert)]))
+        return self.server.add_insecure_port(endpoint)
 
     def start(self) -> None:
         self.server.start()
