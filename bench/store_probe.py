@@ -17,11 +17,14 @@ collector CPU and always go through the files, as any reader would:
         -> READY                      (views defined, first query done)
         <- WATCH <trace_hex> <span_hex> <timeout_s>
         -> ARMED
-        -> SEEN <time_ns> <polls>     (first poll that found the span)
+        -> SEEN <start_ns> <end_ns> <polls> <mean_poll_ms>
            or TIMEOUT <polls>
         <- QUIT
 
-    It polls ``spans`` every ``--interval-ms`` until the span is there.
+    It polls ``spans`` every ``--interval-ms`` until the span is there. start_ns
+    and end_ns (wall clock) bracket the first query that found it: DuckDB lists
+    the files when a query starts, so the span was visible by start_ns at the
+    latest, and end_ns is when this reader had it in hand.
 """
 
 from __future__ import annotations
@@ -39,16 +42,23 @@ COUNT_SQL = "SELECT count(DISTINCT trace_id || span_id), count(*) FROM spans"
 ATTEMPTS = 5
 
 
-def _count(data_dir: Path) -> tuple[int, int]:
+def _report(message: str, log_file: str | None) -> None:
+    print(message, file=sys.stderr, flush=True)
+    if log_file:  # the harness drops a verify command's stderr; this keeps the record
+        with open(log_file, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+
+
+def _count(data_dir: Path, log_file: str | None = None) -> tuple[int, int]:
     # A reader can list a file that the compactor deletes before it is read; that
-    # is retried here, and reported on stderr so it stays visible.
+    # is retried here, and reported (stderr and --log) so it stays visible.
     for attempt in range(1, ATTEMPTS + 1):
         try:
             row = reader.query(data_dir, COUNT_SQL).to_pylist()[0]
             return tuple(row.values())  # type: ignore[return-value]
         except Exception as exc:  # noqa: BLE001 - any read error is retried, then re-raised
-            print(f"store_probe: count attempt {attempt} failed: {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
+            _report(f"store_probe: count attempt {attempt} failed: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}", log_file)
             if attempt == ATTEMPTS:
                 raise
             time.sleep(0.2 * attempt)
@@ -60,7 +70,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     if not (data_dir / layout.SPANS_DIR).is_dir():
         distinct, rows = 0, 0
     else:
-        distinct, rows = _count(data_dir)
+        distinct, rows = _count(data_dir, args.log)
     if args.json:
         files = sum(1 for f in (data_dir / layout.SPANS_DIR).glob("*/*/*.parquet")
                     if layout.parse_segment_name(f.name)) if data_dir.exists() else 0
@@ -86,20 +96,26 @@ def cmd_watch(args: argparse.Namespace) -> int:
         trace_hex, span_hex, timeout_s = parts[1], parts[2], float(parts[3])
         print("ARMED", flush=True)
         deadline = time.monotonic() + timeout_s
-        polls = 0
-        seen_ns = None
+        polls, poll_ns = 0, 0
+        seen = None
         while time.monotonic() < deadline:
             polls += 1
+            start_ns = time.time_ns()
             try:
                 found = con.execute(sql, [trace_hex, span_hex]).fetchone()[0]
             except Exception as exc:  # noqa: BLE001 - a file vanished mid-query: poll again
                 print(f"store_probe: poll failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                 found = 0
+            end_ns = time.time_ns()
+            poll_ns += end_ns - start_ns
             if found:
-                seen_ns = time.time_ns()
+                seen = (start_ns, end_ns)
                 break
             time.sleep(interval)
-        print(f"SEEN {seen_ns} {polls}" if seen_ns else f"TIMEOUT {polls}", flush=True)
+        if seen:
+            print(f"SEEN {seen[0]} {seen[1]} {polls} {poll_ns / polls / 1e6:.3f}", flush=True)
+        else:
+            print(f"TIMEOUT {polls}", flush=True)
     con.close()
     return 0
 
@@ -110,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("count", help="print the number of distinct stored spans")
     p.add_argument("data")
     p.add_argument("--json", action="store_true", help="distinct, rows, duplicates and files as JSON")
+    p.add_argument("--log", default=None, help="append failed (retried) read attempts to this file")
     p.set_defaults(func=cmd_count)
     p = sub.add_parser("watch", help="lag-to-queryable poller (line protocol on stdin/stdout)")
     p.add_argument("data")

@@ -30,20 +30,6 @@ SlowDecoder = Callable[[bytes], list | None]
 """Decodes one ArrayValue's bytes the general way; returns None if not all numbers."""
 
 
-def _int_array_lengths(buf: np.ndarray, raws: Sequence[bytes]) -> np.ndarray | None:
-    """Element counts per array if every array is made of int elements, else None."""
-    # Every int element has exactly four bytes below 0x80: the 0x0a tag, its length,
-    # the 0x18 tag and the varint's last byte; varint continuation bytes are >= 0x80.
-    low = buf < 0x80
-    ends = np.cumsum(np.fromiter((len(r) for r in raws), np.int64, len(raws)))
-    low_cumulative = np.zeros(buf.size + 1, np.int64)
-    np.cumsum(low, out=low_cumulative[1:])
-    low_per_array = np.diff(low_cumulative[ends], prepend=0)
-    if np.any(low_per_array % 4):
-        return None
-    return low_per_array // 4
-
-
 def decode_int_arrays(rows: Sequence[bytes | None], slow: SlowDecoder) -> pa.ListArray:
     """Decode serialized ArrayValues of ints into one ``list<int64>`` Arrow array.
 
@@ -56,10 +42,20 @@ def decode_int_arrays(rows: Sequence[bytes | None], slow: SlowDecoder) -> pa.Lis
     """
     raws = [r or b"" for r in rows]
     buf = np.frombuffer(b"".join(raws), np.uint8)
-    lengths = _int_array_lengths(buf, raws)
-    values = _vector_decode_ints(buf) if lengths is not None else None
-    if values is None:
+    decoded = _vector_decode_ints(buf)
+    if decoded is None:
         return _slow_lists(rows, slow, pa.int64())
+    values, element_starts = decoded
+    ends = np.cumsum(np.fromiter((len(r) for r in raws), np.int64, len(raws)))
+    # An array's elements are those starting before its end; arrays hold whole elements
+    # only if no element straddles a boundary, i.e. every boundary is an element start.
+    counts_before_end = np.searchsorted(element_starts, ends, side="left")
+    boundaries = ends[:-1][ends[:-1] < buf.size]
+    if boundaries.size:
+        at = np.minimum(np.searchsorted(element_starts, boundaries), element_starts.size - 1)
+        if not np.array_equal(element_starts[at], boundaries):
+            return _slow_lists(rows, slow, pa.int64())
+    lengths = np.diff(counts_before_end, prepend=0)
     return _list_array(lengths, pa.array(values, pa.int64()), rows)
 
 
@@ -70,31 +66,36 @@ def _list_array(lengths: np.ndarray, values: pa.Array, rows: Sequence[bytes | No
     return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
 
 
-def _vector_decode_ints(buf: np.ndarray) -> np.ndarray | None:
-    """All int values of concatenated int elements, or None if the layout is off."""
+def _vector_decode_ints(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(values, element start offsets) of concatenated int elements, or None if the layout is off."""
     if buf.size == 0:
-        return np.zeros(0, np.int64)
-    low_idx = np.flatnonzero(buf < 0x80).reshape(-1, 4)
-    tag_pos, len_pos, field_pos, last_pos = low_idx.T
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # Every int element has exactly four bytes below 0x80: the 0x0a tag, its length, the
+    # 0x18 tag and the varint's last byte; varint continuation bytes are >= 0x80.
+    low = np.flatnonzero(buf < 0x80)
+    if low.size % 4:
+        return None
+    quads = low.reshape(-1, 4)
+    tag_pos, field_pos, last_pos = quads[:, 0], quads[:, 2], quads[:, 3]
     varint_len = last_pos - field_pos
     if not (
-        np.all(buf[tag_pos] == _TAG_ANYVALUE)
-        and np.all(buf[field_pos] == _TAG_INT_VALUE)
-        and np.all(len_pos == tag_pos + 1)
-        and np.all(field_pos == len_pos + 1)
-        and np.all(buf[len_pos].astype(np.int64) == varint_len + 1)
-        and np.all(tag_pos[1:] == last_pos[:-1] + 1)
-        and tag_pos[0] == 0
+        tag_pos[0] == 0
         and last_pos[-1] == buf.size - 1
-        and np.all(varint_len <= 10)
+        and np.array_equal(tag_pos[1:], last_pos[:-1] + 1)
+        and np.array_equal(quads[:, 1], tag_pos + 1)
+        and np.array_equal(field_pos, tag_pos + 2)
+        and np.all(buf[tag_pos] == _TAG_ANYVALUE)
+        and np.all(buf[field_pos] == _TAG_INT_VALUE)
+        and np.array_equal(buf[tag_pos + 1], (varint_len + 1).astype(np.uint8))
+        and varint_len.max() <= 10
     ):
         return None
-    values = np.zeros(len(low_idx), np.uint64)
-    for j in range(int(varint_len.max())):
-        has_byte = varint_len > j
-        byte = buf[np.minimum(field_pos + 1 + j, buf.size - 1)].astype(np.uint64) & np.uint64(0x7F)
-        values |= np.where(has_byte, byte << np.uint64(7 * j), np.uint64(0))
-    return values.view(np.int64)  # two's complement, as protobuf's int64
+    values = (buf[last_pos].astype(np.uint64)) << (np.uint64(7) * (varint_len - 1).astype(np.uint64))
+    padded = np.concatenate([buf, np.zeros(10, np.uint8)])  # reads past the end land in zeros
+    for j in range(int(varint_len.max()) - 1):  # continuation bytes (with their high bit set)
+        byte = padded[field_pos + 1 + j].astype(np.uint64) & np.uint64(0x7F)
+        values |= (byte << np.uint64(7 * j)) * (varint_len > j + 1)
+    return values.view(np.int64), tag_pos  # two's complement, as protobuf's int64
 
 
 def decode_double_arrays(rows: Sequence[bytes | None], slow: SlowDecoder) -> pa.ListArray:

@@ -58,9 +58,10 @@ _TYPED_SOURCES: dict[str, tuple[str, ...]] = {
     sc.COL_AGENT_NAME: (sc.GEN_AI_AGENT_NAME,),
     sc.COL_CONVERSATION_ID: (sc.GEN_AI_CONVERSATION_ID,),
 }
-_TYPED_KEYS = {key for keys in _TYPED_SOURCES.values() for key in keys}
 _INT_COLUMNS = {sc.COL_INPUT_TOKENS, sc.COL_OUTPUT_TOKENS, sc.COL_POLICY_VERSION}
 _FLOAT_COLUMNS = {sc.COL_REWARD}
+_ROUTE_ARRAY, _ROUTE_MESSAGE, _ROUTE_TYPED = 0, 1, 2
+_ARRAY_COLUMN_NAMES = tuple(_ARRAY_COLUMNS.values())
 
 
 @dataclass
@@ -129,6 +130,26 @@ def _as_float(value: Any) -> float | None:
         except ValueError:
             return None
     return None
+
+
+def _build_routes() -> dict[str, tuple[int, str, int]]:
+    """attribute key -> (what it feeds, which column, rank among the column's sources)."""
+    routes: dict[str, tuple[int, str, int]] = {}
+    for key, column in _ARRAY_COLUMNS.items():
+        routes[key] = (_ROUTE_ARRAY, column, 0)
+    for key, column in _MESSAGE_COLUMNS.items():
+        routes[key] = (_ROUTE_MESSAGE, column, 0)
+    for column, keys in _TYPED_SOURCES.items():
+        for rank, key in enumerate(keys):
+            routes[key] = (_ROUTE_TYPED, column, rank)
+    return routes
+
+
+_KEY_ROUTES = _build_routes()
+_TYPED_COLUMN_COERCIONS = tuple(
+    (column, _as_int if column in _INT_COLUMNS else _as_float if column in _FLOAT_COLUMNS else _as_str)
+    for column in (*_TYPED_SOURCES, *_MESSAGE_COLUMNS.values()))
+_TYPED_COLUMN_NAMES = tuple(column for column, _ in _TYPED_COLUMN_COERCIONS)
 
 
 class _Columns:
@@ -217,7 +238,11 @@ def _append_span(
     max_value_bytes: int,
     recent_span_keys: Container[str] | None,
 ) -> str | None:
-    """Append one span's row; return a rejection message, "duplicate", or None."""
+    """Append one span's row; return a rejection message, "duplicate", or None.
+
+    This loop runs once per attribute of every span stored, so it is written for
+    speed: one dict lookup decides what an attribute feeds (``_KEY_ROUTES``).
+    """
     error = _check_ids(span)
     if error:
         return error
@@ -226,42 +251,52 @@ def _append_span(
     if recent_span_keys is not None and trace_hex + span_hex in recent_span_keys:
         return "duplicate"
     attrs: dict[str, Any] = {}
-    typed: dict[str, Any] = {}
+    typed: dict[str, tuple[int, Any]] = {}
     arrays: dict[str, bytes] = {}
+    routes = _KEY_ROUTES
     for kv in span.attributes:
         key = kv.key
         value = kv.value
         which = value.WhichOneof("value")
+        route = routes.get(key)
         if which == "string_value":
             py = value.string_value
             if len(py) > max_value_bytes:
-                return f"span {span.name[:80]!r}: attribute {key[:80]!r} is {len(py)} bytes, over the {max_value_bytes}-byte limit"
+                return _too_large(span, key, len(py), max_value_bytes)
         elif which == "array_value":
             raw = value.array_value
             if len(raw) > max_value_bytes:
-                return f"span {span.name[:80]!r}: attribute {key[:80]!r} is {len(raw)} bytes, over the {max_value_bytes}-byte limit"
-            if key in _ARRAY_COLUMNS:
-                arrays[key] = raw
+                return _too_large(span, key, len(raw), max_value_bytes)
+            if route is not None and route[0] == _ROUTE_ARRAY:
+                arrays[route[1]] = raw
                 continue
             py = array_bytes_to_python(raw)
-        elif which == "int_value":
-            py = value.int_value
+        elif which == "int_value" or which == "bool_value":
+            py = getattr(value, which)
         elif which == "double_value":
             py = _json_double(value.double_value)
-        elif which == "bool_value":
-            py = value.bool_value
         else:
             py = shadow_anyvalue_to_python(value)
-        if key in _MESSAGE_COLUMNS:
-            typed[key] = py if isinstance(py, str) else _dumps(py)
+        if route is None:
+            attrs[key] = py
             continue
-        if key in _TYPED_KEYS:
-            typed[key] = py
+        kind, column, rank = route
+        if kind == _ROUTE_MESSAGE:
+            typed[column] = (rank, py if isinstance(py, str) else _dumps(py))
+            continue
+        current = typed.get(column)
+        if current is None or current[0] > rank:
+            typed[column] = (rank, py)
         attrs[key] = py
     _append_row(columns, span, trace_hex, span_hex, service, resource_json, scope, received_ns, attrs, typed)
-    for key, column in _ARRAY_COLUMNS.items():
-        columns.arrays[column].append(arrays.get(key))
+    array_rows = columns.arrays
+    for column in _ARRAY_COLUMN_NAMES:
+        array_rows[column].append(arrays.get(column))
     return None
+
+
+def _too_large(span: Any, key: str, size: int, limit: int) -> str:
+    return f"span {span.name[:80]!r}: attribute {key[:80]!r} is {size} bytes, over the {limit}-byte limit"
 
 
 def _append_row(
@@ -274,9 +309,10 @@ def _append_row(
     scope: tuple[str | None, str | None],
     received_ns: int,
     attrs: dict[str, Any],
-    typed: dict[str, Any],
+    typed: dict[str, tuple[int, Any]],
 ) -> None:
     c = columns.scalars
+    status = span.status
     c[sc.COL_TRACE_ID].append(trace_hex)
     c[sc.COL_SPAN_ID].append(span_hex)
     c[sc.COL_PARENT_SPAN_ID].append(span.parent_span_id.hex() or None)
@@ -285,8 +321,8 @@ def _append_row(
     c[sc.COL_KIND].append(span.kind)
     c[sc.COL_START_NS].append(_clamp_ns(span.start_time_unix_nano))
     c[sc.COL_END_NS].append(_clamp_ns(span.end_time_unix_nano))
-    c[sc.COL_STATUS_CODE].append(span.status.code)
-    c[sc.COL_STATUS_MESSAGE].append(span.status.message or None)
+    c[sc.COL_STATUS_CODE].append(status.code)
+    c[sc.COL_STATUS_MESSAGE].append(status.message or None)
     c[sc.COL_SERVICE_NAME].append(service)
     c[sc.COL_RESOURCE_ATTRIBUTES].append(resource_json)
     c[sc.COL_SCOPE_NAME].append(scope[0])
@@ -295,24 +331,13 @@ def _append_row(
     c[sc.COL_EVENTS].append(_events_json(span.events) if span.events else None)
     c[sc.COL_LINKS].append(_links_json(span.links) if span.links else None)
     c[sc.COL_RECEIVED_NS].append(received_ns)
-    for column in (sc.COL_INPUT_MESSAGES, sc.COL_OUTPUT_MESSAGES, sc.COL_SYSTEM_INSTRUCTIONS):
-        c[column].append(None)
-    for key, column in _MESSAGE_COLUMNS.items():
-        if key in typed:
-            c[column][-1] = typed[key]
-    for column, keys in _TYPED_SOURCES.items():
-        value = None
-        for key in keys:
-            value = typed.get(key)
-            if value is not None:
-                break
-        if column in _INT_COLUMNS:
-            value = _as_int(value)
-        elif column in _FLOAT_COLUMNS:
-            value = _as_float(value)
-        else:
-            value = _as_str(value)
-        c[column].append(value)
+    if not typed:
+        for column in _TYPED_COLUMN_NAMES:
+            c[column].append(None)
+    else:
+        for column, coerce in _TYPED_COLUMN_COERCIONS:
+            entry = typed.get(column)
+            c[column].append(None if entry is None else coerce(entry[1]))
     columns.services.append(service)
 
 

