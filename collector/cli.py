@@ -35,13 +35,19 @@ class EntryPointGroup(click.Group):
         return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(self._entry_points()) | set(self.commands))
+        names = set(self._entry_points()) | set(self.commands)
+        return sorted(name for name in names if self.get_command(ctx, name) is not None)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.commands:
             return self.commands[name]
         entry_point = self._entry_points().get(name)
-        return entry_point.load() if entry_point else None
+        if entry_point is None:
+            return None
+        try:
+            return entry_point.load()
+        except ImportError:  # a component whose optional dependencies are not installed
+            return None
 
 
 @click.group(cls=EntryPointGroup, context_settings={"help_option_names": ["-h", "--help"]})
