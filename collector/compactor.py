@@ -66,9 +66,14 @@ def dedupe_spans(table: pa.Table) -> pa.Table:
 
 
 def compact_partition(
-    directory: Path, writer_id: str, seq: int, min_files: int, min_age_s: float, max_bytes: int
+    directory: Path, writer_id: str, seq: int, min_files: int, min_age_s: float, max_bytes: int,
+    small_file_bytes: int = 8 << 20,
 ) -> int:
-    """Merge this writer's old small files in one partition. Returns files merged."""
+    """Merge this writer's old small files in one partition. Returns files merged.
+
+    Only files under ``small_file_bytes`` are merged: under load group commits are
+    already large, and rewriting them would only spend CPU the ingest path needs.
+    """
     now = time.time()
     candidates = []
     for path in sorted(directory.glob("*.parquet")):
@@ -76,7 +81,7 @@ def compact_partition(
         if name is None or name.writer != writer_id:
             continue
         stat = path.stat()
-        if now - stat.st_mtime < min_age_s or stat.st_size >= max_bytes:
+        if now - stat.st_mtime < min_age_s or stat.st_size >= small_file_bytes:
             continue
         candidates.append((name.seq, path, stat.st_size))
     candidates.sort()

@@ -8,6 +8,7 @@ only translate that to their wire status codes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class IngestPipeline:
         max_request_bytes: int = 64 << 20,
         max_value_bytes: int = 8 << 20,
         commit_timeout_s: float = 60.0,
+        max_concurrent_decodes: int = 2,
     ) -> None:
         self.writer = writer
         self.metrics = metrics
@@ -61,6 +63,7 @@ class IngestPipeline:
         self.max_value_bytes = max_value_bytes
         self.commit_timeout_s = commit_timeout_s
         self._log = _RateLimitedLog()
+        self._decode_slots = threading.BoundedSemaphore(max_concurrent_decodes)
 
     def export(self, body: bytes, transport: str, parse: Callable[[bytes], Any] = otlp_wire.parse_protobuf,
                peer: str = "?") -> ExportResult:
@@ -82,9 +85,12 @@ class IngestPipeline:
             raise
         try:
             try:
-                request = parse(body)
-                decoded = decode_request(request, received_ns, self.max_value_bytes,
-                                         self.writer.active_recent_keys())
+                # Decoding is pure-Python CPU work under the GIL: more threads at it only
+                # add switching overhead and hold more decoded objects in memory at once.
+                with self._decode_slots:
+                    request = parse(body)
+                    decoded = decode_request(request, received_ns, self.max_value_bytes,
+                                             self.writer.active_recent_keys())
             except PermanentError as exc:
                 self._bad(transport, "malformed", peer, str(exc))
                 raise

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from tracetrain.collector.anyvalue_arrays import decode_double_arrays, decode_int_arrays
+from tracetrain.collector.normalize import NORMALIZED_RANK, TRIGGER_KEYS, normalize
 from tracetrain.collector.otlp_wire import (
     _json_double,
     array_bytes_to_python,
@@ -42,9 +43,10 @@ _MESSAGE_COLUMNS = {
 # The first key present in each tuple wins, so the current convention comes first.
 _TYPED_SOURCES: dict[str, tuple[str, ...]] = {
     sc.COL_OPERATION: (sc.GEN_AI_OPERATION_NAME,),
-    sc.COL_PROVIDER: (sc.GEN_AI_PROVIDER_NAME, sc.GEN_AI_SYSTEM),
-    sc.COL_REQUEST_MODEL: (sc.GEN_AI_REQUEST_MODEL, sc.OPENINFERENCE_MODEL_NAME),
-    sc.COL_RESPONSE_MODEL: (sc.GEN_AI_RESPONSE_MODEL,),
+    sc.COL_PROVIDER: (sc.GEN_AI_PROVIDER_NAME, sc.GEN_AI_SYSTEM, sc.OPENINFERENCE_PROVIDER, sc.OPENINFERENCE_SYSTEM),
+    sc.COL_REQUEST_MODEL: (
+        sc.GEN_AI_REQUEST_MODEL, sc.OPENINFERENCE_REQUEST_MODEL_NAME, sc.OPENINFERENCE_MODEL_NAME),
+    sc.COL_RESPONSE_MODEL: (sc.GEN_AI_RESPONSE_MODEL, sc.OPENINFERENCE_RESPONSE_MODEL_NAME),
     sc.COL_RESPONSE_ID: (sc.GEN_AI_RESPONSE_ID,),
     sc.COL_INPUT_TOKENS: (
         sc.GEN_AI_USAGE_INPUT_TOKENS, sc.GEN_AI_USAGE_PROMPT_TOKENS, sc.OPENINFERENCE_TOKEN_COUNT_PROMPT),
@@ -55,9 +57,21 @@ _TYPED_SOURCES: dict[str, tuple[str, ...]] = {
     sc.COL_EPISODE_ID: (sc.EPISODE_ID,),
     sc.COL_TASK_ID: (sc.TASK_ID,),
     sc.COL_ROLLOUT_ID: (sc.ROLLOUT_ID,),
-    sc.COL_AGENT_NAME: (sc.GEN_AI_AGENT_NAME,),
-    sc.COL_CONVERSATION_ID: (sc.GEN_AI_CONVERSATION_ID,),
+    sc.COL_AGENT_NAME: (sc.GEN_AI_AGENT_NAME, sc.OPENINFERENCE_AGENT_NAME),
+    sc.COL_CONVERSATION_ID: (sc.GEN_AI_CONVERSATION_ID, sc.OPENINFERENCE_SESSION_ID),
 }
+# Resource attributes (`tracetrain run` sets them through OTEL_RESOURCE_ATTRIBUTES) that fill
+# a column when the span itself does not set it.
+_RESOURCE_SOURCES = {
+    sc.EPISODE_ID: sc.COL_EPISODE_ID,
+    sc.TASK_ID: sc.COL_TASK_ID,
+    sc.ROLLOUT_ID: sc.COL_ROLLOUT_ID,
+    sc.GEN_AI_AGENT_NAME: sc.COL_AGENT_NAME,
+}
+# Keys of other conventions: a span with one of them goes through `normalize`. They route
+# to this pseudo column, which no real column reads, so detecting them costs no extra work
+# in the attribute loop.
+_NORMALIZE = "\x00normalize"
 _INT_COLUMNS = {sc.COL_INPUT_TOKENS, sc.COL_OUTPUT_TOKENS, sc.COL_POLICY_VERSION}
 _FLOAT_COLUMNS = {sc.COL_REWARD}
 _ROUTE_ARRAY, _ROUTE_MESSAGE, _ROUTE_TYPED = 0, 1, 2
@@ -73,6 +87,8 @@ class DecodedRequest:
     spans_rejected: int = 0
     spans_duplicate: int = 0
     rejection_messages: list[str] = field(default_factory=list)
+    table: str = sc.TABLE_SPANS
+    """Which table the batches go to (``spans``, or ``logs`` for log records)."""
 
     @property
     def spans_accepted(self) -> int:
@@ -142,6 +158,9 @@ def _build_routes() -> dict[str, tuple[int, str, int]]:
     for column, keys in _TYPED_SOURCES.items():
         for rank, key in enumerate(keys):
             routes[key] = (_ROUTE_TYPED, column, rank)
+    for key in TRIGGER_KEYS:
+        assert key not in routes, key
+        routes[key] = (_ROUTE_TYPED, _NORMALIZE, 0)
     return routes
 
 
@@ -203,11 +222,13 @@ def decode_request(
         service = resource_attrs.get(sc.SERVICE_NAME)
         service = service if isinstance(service, str) and service else UNKNOWN_SERVICE
         resource_json = _dumps(resource_attrs) if resource_attrs else None
+        resource_typed = {column: (NORMALIZED_RANK, resource_attrs[key])
+                          for key, column in _RESOURCE_SOURCES.items() if key in resource_attrs}
         for scope_spans in resource_spans.scope_spans:
             scope = (scope_spans.scope.name or None, scope_spans.scope.version or None)
             for span in scope_spans.spans:
                 out.spans_total += 1
-                error = _append_span(columns, span, service, resource_json, scope, received_ns,
+                error = _append_span(columns, span, service, resource_json, resource_typed, scope, received_ns,
                                      max_value_bytes, recent_span_keys)
                 if error == "duplicate":
                     out.spans_duplicate += 1
@@ -233,6 +254,7 @@ def _append_span(
     span: Any,
     service: str,
     resource_json: str | None,
+    resource_typed: dict[str, tuple[int, Any]],
     scope: tuple[str | None, str | None],
     received_ns: int,
     max_value_bytes: int,
@@ -288,6 +310,13 @@ def _append_span(
         if current is None or current[0] > rank:
             typed[column] = (rank, py)
         attrs[key] = py
+    if typed:
+        if _NORMALIZE in typed:
+            normalize(attrs, typed, span.name)
+    if resource_typed:
+        for column, entry in resource_typed.items():
+            if column not in typed:
+                typed[column] = entry
     _append_row(columns, span, trace_hex, span_hex, service, resource_json, scope, received_ns, attrs, typed)
     array_rows = columns.arrays
     for column in _ARRAY_COLUMN_NAMES:
