@@ -19,7 +19,7 @@ Writes bench/results/ingest-<UTC date>[-quick].json and bench/results/ingest-lat
 logs, stores and raw harness output go to bench/work/ingest/ (git-ignored, wiped
 at the start of each run).
 
-    .venv/bin/python bench/ingest.py            # full, ~4-5 minutes
+    .venv/bin/python bench/ingest.py            # full, ~3-4 minutes
     .venv/bin/python bench/ingest.py --quick    # ~1.5 minutes, shorter runs
     .venv/bin/python bench/ingest.py --runs steady,ref --duration-s 10
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -56,6 +57,8 @@ ALL_RUNS = ("steady", "ref", "overload", "kill9", "lag")
 PACKAGES = ("grpcio", "protobuf", "pyarrow", "duckdb", "opentelemetry-proto", "opentelemetry-sdk",
             "opentelemetry-exporter-otlp-proto-grpc", "prometheus-client", "tracetrain")
 
+HIST_KEYS = ("count", "mean_s", "p50_le_s", "p95_le_s", "p99_le_s")
+
 # The targets of shared/notes/peer-ingest.md section 7 (also in bench/README.md).
 TARGET_US_PER_SPAN = 50.0
 TARGET_P99_MS = 500.0
@@ -74,7 +77,10 @@ def log(msg: str) -> None:
 
 def shared_bench_dir() -> Path:
     override = os.environ.get("TRACETRAIN_SHARED_BENCH")
-    path = Path(override).expanduser().resolve() if override else Path(__file__).resolve().parents[2] / "shared" / "bench"
+    if override:
+        path = Path(override).expanduser().resolve()
+    else:
+        path = Path(__file__).resolve().parents[2] / "shared" / "bench"
     missing = [n for n in ("ingest_bench.py", "ref_receiver.py") if not (path / n).is_file()]
     if missing:
         sys.exit(f"bench/ingest.py: {', '.join(missing)} not found in {path} "
@@ -449,7 +455,8 @@ class Bench:
 
     def run_ours(self, name: str, procs: int, inflight: int) -> dict[str, Any]:
         srv = self.start_collector(name)
-        out: dict[str, Any] = {"server": "tracetrain", "server_cmd": shlex.join(srv.cmd), "ready_s": round(srv.ready_s, 2)}
+        out: dict[str, Any] = {"server": "tracetrain", "server_cmd": shlex.join(srv.cmd),
+                               "ready_s": round(srv.ready_s, 2)}
         try:
             out["harness"] = self.harness(f"tracetrain-{name}", srv.endpoint, srv.proc.pid,
                                           self.verify_cmd_ours(srv.data),
@@ -491,7 +498,8 @@ class Bench:
             f"echo \"=== restart $(date -u +%FT%T.%NZ) ===\" >> {shlex.quote(str(srv.logfile))}\n"
             f"exec {shlex.join(srv.cmd)} >> {shlex.quote(str(srv.logfile))} 2>&1\n")
         self.children.watch_pidfile(pidfile)
-        out: dict[str, Any] = {"server": "tracetrain", "server_cmd": shlex.join(srv.cmd), "ready_s": round(srv.ready_s, 2)}
+        out: dict[str, Any] = {"server": "tracetrain", "server_cmd": shlex.join(srv.cmd),
+                               "ready_s": round(srv.ready_s, 2)}
         # reap the first collector as soon as the harness kills it (a zombie still has
         # a /proc entry, and the harness's sampler would take it for alive)
         threading.Thread(target=srv.proc.wait, daemon=True).start()
@@ -500,7 +508,8 @@ class Bench:
         restarted_pid = None
         try:
             extra = [*self.load_args(1, 8, a.kill_duration_s), "--kill-at-s", str(a.kill_at_s),
-                     "--restart-cmd", f"bash {shlex.quote(str(restart))}", "--restart-log", str(run_dir / "restart.log"),
+                     "--restart-cmd", f"bash {shlex.quote(str(restart))}",
+                     "--restart-log", str(run_dir / "restart.log"),
                      "--export-timeout-s", "120", "--drain-s", "120"]
             # the harness's verify runs only after the senders finish, so the restart is done by then
             out["harness"] = self.harness(f"tracetrain-{name}", srv.endpoint, srv.proc.pid,
@@ -677,6 +686,11 @@ def machine_info() -> dict[str, Any]:
                                                 text=True, timeout=10).stdout.splitlines())
     except (OSError, subprocess.SubprocessError):
         pass
+    # the working tree may hold others' uncommitted edits: fingerprint the code under test
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO / "collector").glob("*.py"), *(REPO / "instrumentation").glob("*.py")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    git["collector_instrumentation_sha256"] = digest.hexdigest()[:16]
     return {"nproc": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu_model,
             "mem_gib": mem_gib, "kernel": platform.release(), "python": platform.python_version(),
             "packages": versions, "git": git}
@@ -750,7 +764,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                          "refusals_seen_by_senders": r.get("errors", {}),
                          "retries": r.get("retries"),
                          "collector_spans_refused": m.get("tracetrain_spans_refused_total"),
-                         "collector_requests_refused": m.get("tracetrain_requests_total{outcome=refused,transport=grpc}")}
+                         "collector_requests_refused":
+                             m.get("tracetrain_requests_total{outcome=refused,transport=grpc}")}
     if h("kill9"):
         r = h("kill9")
         k = results["kill9"]
@@ -770,10 +785,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "send_to_read_ms_median", "ack_to_read_ms_median", "export_rtt_ms_median", "poll_query_ms_median",
             "timeouts")}
         s["lag"]["n"] = len(lg.get("send_to_visible_ms") or [])
-        s["lag"]["collector_histogram"] = {k: hist.get(k) for k in ("count", "mean_s", "p50_le_s", "p95_le_s", "p99_le_s")}
+        s["lag"]["collector_histogram"] = {k: hist.get(k) for k in HIST_KEYS}
     steady_hist = ((results.get("steady") or {}).get("metrics") or {}).get("tracetrain_lag_to_queryable_seconds")
     if steady_hist:
-        s["steady_lag_histogram"] = {k: steady_hist.get(k) for k in ("count", "mean_s", "p50_le_s", "p95_le_s", "p99_le_s")}
+        s["steady_lag_histogram"] = {k: steady_hist.get(k) for k in HIST_KEYS}
 
     t: dict[str, Any] = {}
     if "ours_us_per_stored_span" in s:
@@ -861,8 +876,8 @@ def print_table(report: dict[str, Any]) -> None:
               f"({f(s['steady'].get('compactions'))} files compacted), ref {f(s.get('ref_cpu_s_after_load'))} s")
     if "overload" in s:
         o = s["overload"]
-        print(f"  overload: refusals seen by senders {o['refusals_seen_by_senders']}, "
-              f"collector spans refused {f(o['collector_spans_refused'])}")
+        print(f"  overload: refusals seen by senders {o['refusals_seen_by_senders']}, collector refused requests "
+              f"{f(o['collector_requests_refused'])} (tracetrain_spans_refused_total {f(o['collector_spans_refused'])})")
     if "kill9" in s:
         k = s["kill9"]
         print(f"  kill -9: acked at kill {f(k['acked_at_kill'])}, healthz outage {f(k.get('healthz_outage_s'))} s, "
@@ -951,7 +966,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "tool": "bench/ingest.py", "mode": "quick" if q else "full",
         "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": shlex.join([Path(sys.executable).name, "bench/ingest.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join([Path(sys.executable).name, "bench/ingest.py",
+                               *(argv if argv is not None else sys.argv[1:])]),
         "shared_bench": str(shared), "settings": {k: v for k, v in vars(args).items()},
         "machine": machine_info(), "load_before": [round(x, 2) for x in os.getloadavg()],
         "runs": {}, "failures": {},

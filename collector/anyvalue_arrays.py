@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.common.v1 import common_pb2
 
 _DOUBLE_ELEMENT = np.dtype([("tag", "u1"), ("length", "u1"), ("field", "u1"), ("value", "<f8")])
 _TAG_ANYVALUE = 0x0A
@@ -73,7 +75,7 @@ def _vector_decode_ints(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None
     # Every int element has exactly four bytes below 0x80: the 0x0a tag, its length, the
     # 0x18 tag and the varint's last byte; varint continuation bytes are >= 0x80.
     low = np.flatnonzero(buf < 0x80)
-    if low.size % 4:
+    if low.size == 0 or low.size % 4:
         return None
     quads = low.reshape(-1, 4)
     tag_pos, field_pos, last_pos = quads[:, 0], quads[:, 2], quads[:, 3]
@@ -127,8 +129,28 @@ def _slow_lists(rows: Sequence[bytes | None], slow: SlowDecoder, value_type: pa.
         decoded = None if raw is None else slow(raw)
         if decoded is not None and not all(_is_number(x, value_type) for x in decoded):
             decoded = None
+        if decoded is not None and value_type == pa.float64():
+            try:
+                decoded = [float(x) for x in decoded]  # ints too large for a double round, as in C
+            except OverflowError:
+                decoded = None
         decoded_rows.append(decoded)
     return pa.array(decoded_rows, pa.list_(value_type))
+
+
+def numbers_from_array_bytes(raw: bytes) -> list | None:
+    """The slow decoder for numeric columns: raw ints and doubles (NaN and inf kept)."""
+    try:
+        array = common_pb2.ArrayValue.FromString(raw)
+    except DecodeError:
+        return None
+    out: list = []
+    for value in array.values:
+        which = value.WhichOneof("value")
+        if which not in ("int_value", "double_value"):
+            return None
+        out.append(getattr(value, which))
+    return out
 
 
 def _is_number(x: object, value_type: pa.DataType) -> bool:

@@ -93,7 +93,7 @@ def collector_command(config_file: str | None, **overrides) -> None:
     DATA/spans/, where any process can query them (`tracetrain sql`) at once.
     Stops cleanly on Ctrl-C or SIGTERM.
     """
-    from tracetrain.collector.daemon import Collector
+    from tracetrain.collector.daemon import Collector, limit_malloc_arenas
     from tracetrain.collector.store_layout import StoreError
 
     try:
@@ -101,6 +101,7 @@ def collector_command(config_file: str | None, **overrides) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas()
     try:
         collector = Collector(config)
     except StoreError as exc:
@@ -135,7 +136,7 @@ def sql_command(query: str, data_dir: str, output_format: str, output: str | Non
     """
     import duckdb
 
-    from tracetrain.collector.reader import connect
+    from tracetrain.collector.reader import connect, run_listing_safe
 
     try:
         con = connect(data_dir)
@@ -147,7 +148,7 @@ def sql_command(query: str, data_dir: str, output_format: str, output: str | Non
     if relation is None:
         return
     try:
-        _write_relation(relation, output_format, output, max_rows)
+        run_listing_safe(lambda: _write_relation(con.sql(query), output_format, output, max_rows))
     except duckdb.Error as exc:
         raise click.ClickException(f"SQL error: {exc}") from None
 

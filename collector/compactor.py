@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from tracetrain.collector import store_layout as layout
 from tracetrain.collector.metrics import CollectorMetrics
-from tracetrain.collector.schema import SPAN_SCHEMA
+from tracetrain.collector.schema import LOG_SCHEMA, SPAN_SCHEMA
 from tracetrain.collector.segment_io import fsync_file, write_parquet
 from tracetrain.instrumentation import semconv as sc
 
@@ -41,10 +41,10 @@ def _sources_of(path: Path) -> list[str]:
     return json.loads(raw) if raw else []
 
 
-def finish_interrupted_compactions(data_dir: Path, writer_id: str) -> int:
+def finish_interrupted_compactions(data_dir: Path, writer_id: str, table: str = layout.SPANS_DIR) -> int:
     """Delete sources that a committed compact file of this writer already holds."""
     removed = 0
-    for path, name in layout.own_segments(data_dir, writer_id):
+    for path, name in layout.own_segments(data_dir, writer_id, table):
         if name.kind != "compact":
             continue
         for source in _sources_of(path):
@@ -65,9 +65,23 @@ def dedupe_spans(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(indices))
 
 
+def dedupe_logs(table: pa.Table) -> pa.Table:
+    """Keep the first row of each record_id (a log record retried after a crash)."""
+    keys = table[sc.COL_RECORD_ID]
+    if len(pc.unique(keys)) == len(keys):
+        return table
+    indices = pa.table({"k": keys, "i": pa.array(range(len(keys)), pa.int64())}).group_by(
+        "k", use_threads=False).aggregate([("i", "min")])["i_min"]
+    return table.take(pc.sort_indices(indices))
+
+
+# What compaction reads and how it dedupes, per table directory.
+TABLES = {layout.SPANS_DIR: (SPAN_SCHEMA, dedupe_spans), layout.LOGS_DIR: (LOG_SCHEMA, dedupe_logs)}
+
+
 def compact_partition(
     directory: Path, writer_id: str, seq: int, min_files: int, min_age_s: float, max_bytes: int,
-    small_file_bytes: int = 8 << 20,
+    small_file_bytes: int = 1 << 20, table_dir: str = layout.SPANS_DIR,
 ) -> int:
     """Merge this writer's old small files in one partition. Returns files merged.
 
@@ -93,9 +107,10 @@ def compact_partition(
         total += size
     if len(chosen) < min_files:
         return 0
+    schema, dedupe = TABLES[table_dir]
     table = pa.concat_tables(
-        [pq.read_table(p, schema=SPAN_SCHEMA) for p in chosen], promote_options="permissive")
-    table = dedupe_spans(table)
+        [pq.read_table(p, schema=schema) for p in chosen], promote_options="permissive")
+    table = dedupe(table)
     tmp = directory / layout.temp_file_name(writer_id, seq)
     final = directory / layout.segment_file_name("compact", writer_id, seq)
     write_parquet(table, tmp, {SOURCES_KEY: json.dumps([p.name for p in chosen])})
@@ -105,6 +120,8 @@ def compact_partition(
     for path in chosen:
         path.unlink(missing_ok=True)
     layout.fsync_dir(directory)
+    del table
+    pa.default_memory_pool().release_unused()  # give the merge's buffers back to the OS
     return len(chosen)
 
 
@@ -113,7 +130,7 @@ def remove_expired_partitions(data_dir: Path, retention_days: float, today: dt.d
     today = today or dt.datetime.now(dt.timezone.utc).date()
     cutoff = today - dt.timedelta(days=retention_days)
     removed = []
-    for directory in sorted((data_dir / layout.SPANS_DIR).glob("date=*")):
+    for directory in sorted(d for table in layout.TABLE_DIRS for d in (data_dir / table).glob("date=*")):
         if directory.name == "date=1970-01-01":  # the schema anchor (reader.SCHEMA_ANCHOR_DIR)
             continue
         try:
@@ -138,7 +155,7 @@ class Compactor:
         interval_s: float = 30.0,
         min_files: int = 8,
         min_age_s: float = 10.0,
-        max_bytes: int = 64 << 20,
+        max_bytes: int = 16 << 20,
         retention_days: float | None = None,
     ) -> None:
         self.data_dir, self.writer_id, self.allocate_seq = data_dir, writer_id, allocate_seq
@@ -163,12 +180,18 @@ class Compactor:
         if self.retention_days is not None:
             for path in remove_expired_partitions(self.data_dir, self.retention_days):
                 logger.info("retention: removed %s", path)
-        for directory in sorted((self.data_dir / layout.SPANS_DIR).glob("*/*")):
+        for table_dir in layout.TABLE_DIRS:
+            merged += self._compact_table(table_dir)
+        return merged
+
+    def _compact_table(self, table_dir: str) -> int:
+        merged = 0
+        for directory in sorted((self.data_dir / table_dir).glob("*/*")):
             if self._stop.is_set():
                 break
             if directory.is_dir():
                 n = compact_partition(directory, self.writer_id, self.allocate_seq(),
-                                      self.min_files, self.min_age_s, self.max_bytes)
+                                      self.min_files, self.min_age_s, self.max_bytes, table_dir=table_dir)
                 merged += n
                 self.metrics.compactions.inc(n)
         return merged

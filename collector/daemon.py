@@ -7,6 +7,7 @@ idempotent, and ``stop()`` is safe without ``start()``.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -14,6 +15,7 @@ from types import FrameType
 
 from tracetrain.collector.compactor import Compactor
 from tracetrain.collector.config import CollectorConfig
+from tracetrain.collector.feedback import FeedbackService
 from tracetrain.collector.grpc_receiver import GrpcReceiver
 from tracetrain.collector.http_receiver import HttpReceiver
 from tracetrain.collector.ingest import IngestPipeline
@@ -21,6 +23,23 @@ from tracetrain.collector.metrics import CollectorMetrics
 from tracetrain.collector.span_writer import SpanWriter
 
 logger = logging.getLogger(__name__)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for this process (call before threads start).
+
+    glibc gives each busy thread its own arena (up to 8 per core) and keeps freed
+    memory in it; with dozens of receiver threads that alone doubled the RSS under
+    load. Returns False where glibc or mallopt is not available.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
+_M_ARENA_MAX = -8  # from glibc's malloc.h
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -42,6 +61,7 @@ class Collector:
         self.pipeline = IngestPipeline(
             self.writer, self.metrics, max_request_bytes=config.max_request_bytes,
             max_value_bytes=config.max_value_bytes)
+        self.feedback = FeedbackService(self.pipeline, config.data_path)
         self.compactor = Compactor(
             config.data_path, self.writer.writer_id, self.writer.allocate_seq, self.metrics,
             interval_s=config.compact_interval_s, min_files=config.compact_min_files,
@@ -68,12 +88,12 @@ class Collector:
         try:
             if cfg.grpc_endpoint:
                 self.grpc = GrpcReceiver(self.pipeline, cfg.grpc_endpoint, cfg.auth_token,
-                                         cfg.tls_cert_file, cfg.tls_key_file)
+                                         cfg.tls_cert_file, cfg.tls_key_file, feedback=self.feedback)
                 self.grpc.start()
             if cfg.http_endpoint:
                 host, port = split_endpoint(cfg.http_endpoint)
                 self.http = HttpReceiver(self.pipeline, host, port, cfg.auth_token,
-                                         cfg.tls_cert_file, cfg.tls_key_file)
+                                         cfg.tls_cert_file, cfg.tls_key_file, feedback=self.feedback)
                 self.http.start()
         except BaseException:
             self.stop()
@@ -96,6 +116,7 @@ class Collector:
         if self.http is not None:
             self.http.stop()
         self.compactor.close()
+        self.feedback.close()
         self.writer.close()
         logger.info("tracetrain collector stopped")
 

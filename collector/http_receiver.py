@@ -5,6 +5,10 @@
   Errors carry a ``google.rpc.Status`` body; 400 for bad data, 413 for too large,
   415 for an unknown content type, 503 + ``Retry-After`` for back-pressure, 401
   without the bearer token.
+* ``POST /v1/logs``: OTLP/HTTP log records, same rules as ``/v1/traces``.
+* ``POST /v1/rewards``: a delayed reward, JSON ``{"episode_id", "value", "name",
+  "reward_id", "attributes"}`` (or a protobuf ``AddRewardRequest``); 404 for an
+  unknown episode, 409 for a reward id reused for another reward.
 * ``GET /metrics``: Prometheus text format. ``GET /healthz``: liveness.
 
 The decode-and-commit work runs in a thread pool so the event loop keeps serving
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import ssl
@@ -25,10 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from tracetrain.collector import otlp_wire
+from tracetrain.collector import feedback_proto, log_rows, otlp_wire
 from tracetrain.collector.errors import PayloadTooLargeError, PermanentError, RetryableError
+from tracetrain.collector.feedback import FeedbackService, RewardConflictError, UnknownEpisodeError
 from tracetrain.collector.ingest import ExportResult, IngestPipeline
 
 logger = logging.getLogger(__name__)
@@ -62,8 +69,10 @@ class HttpReceiver:
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
         max_workers: int = 16,
+        feedback: FeedbackService | None = None,
     ) -> None:
         self.pipeline, self.host, self.port, self.auth_token = pipeline, host, port, auth_token
+        self.feedback = feedback
         self.ssl_context = None
         if tls_cert_file and tls_key_file:
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -80,6 +89,8 @@ class HttpReceiver:
                               middlewares=[self._auth_middleware])
         app.add_routes([
             web.post("/v1/traces", self._traces),
+            web.post("/v1/logs", self._logs),
+            web.post("/v1/rewards", self._rewards),
             web.get("/metrics", self._metrics),
             web.get("/healthz", self._healthz),
             *self.extra_routes,
@@ -146,53 +157,135 @@ class HttpReceiver:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _traces(self, request: web.Request) -> web.Response:
+        return await self._otlp(request, otlp_wire.parse_protobuf, otlp_wire.parse_json, self.pipeline.export,
+                                "http", trace_service_pb2.ExportTraceServiceResponse, "rejected_spans")
+
+    async def _logs(self, request: web.Request) -> web.Response:
+        return await self._otlp(request, log_rows.parse_protobuf, log_rows.parse_json, self.pipeline.export_logs,
+                                "http_logs", logs_service_pb2.ExportLogsServiceResponse, "rejected_log_records")
+
+    async def _otlp(self, request: web.Request, parse_protobuf, parse_json, export, transport: str,
+                    response_class, rejected_field: str) -> web.Response:
         content_type = request.content_type
         if content_type == JSON:
-            parse = otlp_wire.parse_json
+            parse = parse_json
         elif content_type in (PROTOBUF, "application/protobuf"):
-            content_type, parse = PROTOBUF, otlp_wire.parse_protobuf
+            content_type, parse = PROTOBUF, parse_protobuf
         else:
+            self.pipeline.count_bad(transport, "content_type", request.remote or "?", content_type)
             return self._status_response(415, code_pb2.INVALID_ARGUMENT,
                                          f"unsupported Content-Type {content_type!r}; "
                                          f"use {PROTOBUF} or {JSON}", JSON)
+        outcome = await self._run(request, content_type, self._decode_and_export, parse, export, transport)
+        if isinstance(outcome, web.Response):
+            return outcome
+        return self._export_response(outcome, content_type, response_class, rejected_field)
+
+    async def _rewards(self, request: web.Request) -> web.Response:
+        content_type = request.content_type
+        if content_type in ("application/protobuf", PROTOBUF):
+            content_type = PROTOBUF
+        elif content_type != JSON:
+            return self._status_response(415, code_pb2.INVALID_ARGUMENT,
+                                         f"unsupported Content-Type {content_type!r}; use {JSON}", JSON)
+        if self.feedback is None:
+            return self._status_response(404, code_pb2.UNIMPLEMENTED, "no feedback service here", content_type)
+        outcome = await self._run(request, content_type, self._add_reward, content_type)
+        if isinstance(outcome, web.Response):
+            return outcome
+        response = feedback_proto.AddRewardResponse(
+            accepted=outcome.accepted, duplicate=outcome.duplicate, reward_id=outcome.reward_id)
+        if content_type == JSON:
+            return web.json_response({"accepted": outcome.accepted, "duplicate": outcome.duplicate,
+                                      "reward_id": outcome.reward_id})
+        return web.Response(body=response.SerializeToString(), content_type=PROTOBUF)
+
+    async def _run(self, request: web.Request, content_type: str, work, *args):
+        """Read the body and run ``work(body, encoding, peer, *args)`` in the pool.
+
+        Returns its result, or the error response the OTLP rules give for what it raised.
+        """
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
+            self.pipeline.count_bad("http", "too_large", request.remote or "?", request.path)
             return self._status_response(413, code_pb2.INVALID_ARGUMENT,
                                          f"request is over the {self.pipeline.max_request_bytes}-byte limit",
                                          content_type)
         encoding = request.headers.get("Content-Encoding", "identity").lower()
-        peer = request.remote or "?"
         try:
-            result = await self._loop.run_in_executor(
-                self._pool, self._decode_and_export, body, encoding, parse, peer)
+            return await self._loop.run_in_executor(
+                self._pool, work, body, encoding, request.remote or "?", *args)
         except PayloadTooLargeError as exc:
             return self._status_response(413, code_pb2.INVALID_ARGUMENT, str(exc), content_type)
         except PermanentError as exc:
             return self._status_response(400, code_pb2.INVALID_ARGUMENT, str(exc), content_type)
+        except UnknownEpisodeError as exc:
+            return self._status_response(404, code_pb2.NOT_FOUND, str(exc), content_type)
+        except RewardConflictError as exc:
+            return self._status_response(409, code_pb2.ALREADY_EXISTS, str(exc), content_type)
         except RetryableError as exc:
             response = self._status_response(503, code_pb2.UNAVAILABLE, str(exc), content_type)
             response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
             return response
         except Exception:
-            logger.exception("unexpected error in OTLP/HTTP export")
+            logger.exception("unexpected error in HTTP %s", request.path)
             response = self._status_response(503, code_pb2.UNAVAILABLE, "internal error; retry later", content_type)
             response.headers["Retry-After"] = "2"
             return response
-        return self._export_response(result, content_type)
 
-    def _decode_and_export(self, body: bytes, encoding: str, parse, peer: str) -> ExportResult:
-        if encoding == "gzip":
-            body = gunzip_limited(body, self.pipeline.max_request_bytes)
-        elif encoding not in ("identity", ""):
-            raise PermanentError(f"unsupported Content-Encoding {encoding!r}; use gzip or none")
-        return self.pipeline.export(body, "http", parse, peer)
+    def _decode_and_export(self, body: bytes, encoding: str, peer: str, parse, export=None,
+                           transport: str = "http") -> ExportResult:
+        return (export or self.pipeline.export)(self._decompress(body, encoding, peer), transport, parse, peer)
+
+    def _decompress(self, body: bytes, encoding: str, peer: str = "?") -> bytes:
+        try:
+            if encoding == "gzip":
+                return gunzip_limited(body, self.pipeline.max_request_bytes)
+            if encoding not in ("identity", ""):
+                raise PermanentError(f"unsupported Content-Encoding {encoding!r}; use gzip or none")
+        except PermanentError as exc:
+            reason = "too_large" if isinstance(exc, PayloadTooLargeError) else "encoding"
+            self.pipeline.count_bad("http", reason, peer, str(exc))
+            raise
+        return body
+
+    def _add_reward(self, body: bytes, encoding: str, peer: str, content_type: str):
+        body = self._decompress(body, encoding)
+        if content_type == PROTOBUF:
+            try:
+                message = feedback_proto.AddRewardRequest.FromString(body)
+            except Exception as exc:  # DecodeError and friends
+                raise PermanentError(f"malformed AddRewardRequest: {exc}") from None
+            fields = json_format.MessageToDict(message, preserving_proto_field_name=True)
+            fields["value"] = message.value if message.HasField("value") else None
+            fields["time_unix_nano"] = message.time_unix_nano or None
+        else:
+            try:
+                fields = json.loads(body.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise PermanentError(f"malformed JSON: {exc}") from None
+            if not isinstance(fields, dict):
+                raise PermanentError('the body must be a JSON object {"episode_id", "value", ...}')
+        unknown = set(fields) - {"episode_id", "value", "name", "reward_id", "attributes", "time_unix_nano"}
+        if unknown:
+            raise PermanentError(f"unknown fields {sorted(unknown)}")
+        if fields.get("value") is None:
+            raise PermanentError("value is required")
+        time_ns = fields.get("time_unix_nano")
+        if isinstance(time_ns, str) and time_ns.isdigit():
+            time_ns = int(time_ns)
+        return self.feedback.add_reward(fields.get("episode_id"), fields["value"], fields.get("name"),
+                                        fields.get("reward_id"), fields.get("attributes"), time_ns,
+                                        "http_feedback", peer)
 
     @staticmethod
-    def _export_response(result: ExportResult, content_type: str) -> web.Response:
-        response = trace_service_pb2.ExportTraceServiceResponse()
+    def _export_response(result: ExportResult, content_type: str,
+                         response_class=trace_service_pb2.ExportTraceServiceResponse,
+                         rejected_field: str = "rejected_spans") -> web.Response:
+        response = response_class()
         if result.rejected_spans or result.error_message:
-            response.partial_success.rejected_spans = result.rejected_spans
+            setattr(response.partial_success, rejected_field, result.rejected_spans)
             response.partial_success.error_message = result.error_message
         if content_type == JSON:
             return web.Response(text=json_format.MessageToJson(response, indent=None), content_type=JSON)

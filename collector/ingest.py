@@ -14,8 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Counter
+
 from tracetrain.collector import otlp_wire
 from tracetrain.collector.errors import PayloadTooLargeError, PermanentError, RetryableError
+from tracetrain.collector.log_rows import decode_logs_request
 from tracetrain.collector.metrics import CollectorMetrics
 from tracetrain.collector.span_rows import decode_request
 from tracetrain.collector.span_writer import SpanWriter
@@ -45,6 +48,30 @@ class _RateLimitedLog:
             logger.warning(message, *args)
 
 
+@dataclass(frozen=True)
+class _Counters:
+    """Per-item counters of one signal (spans, or log records)."""
+
+    noun: str
+    received: Any
+    accepted: Any
+    refused: Any
+    rejected: Any
+    duplicate: Any = None
+
+
+def _log_counters(metrics: CollectorMetrics) -> _Counters:
+    def counter(what: str, help_text: str) -> Counter:
+        return Counter(f"tracetrain_log_records_{what}", help_text, registry=metrics.registry)
+
+    return _Counters(
+        "log records",
+        counter("received", "Log records in requests that reached the decoder."),
+        counter("accepted", "Log records durably stored and acknowledged."),
+        counter("refused", "Log records refused with a retryable error."),
+        counter("rejected", "Log records rejected as invalid (partial_success)."))
+
+
 class IngestPipeline:
     """Admission control, decoding and durable commit for one daemon."""
 
@@ -64,10 +91,17 @@ class IngestPipeline:
         self.commit_timeout_s = commit_timeout_s
         self._log = _RateLimitedLog()
         self._decode_slots = threading.BoundedSemaphore(max_concurrent_decodes)
+        self._span_counters = _Counters("spans", metrics.spans_received, metrics.spans_accepted,
+                                        metrics.spans_refused, metrics.spans_rejected, metrics.spans_duplicate)
+        self._log_counters = _log_counters(metrics)
+
+    def export_logs(self, body: bytes, transport: str, parse: Callable[[bytes], Any], peer: str = "?") -> ExportResult:
+        """Store the records of one ExportLogsServiceRequest; return once durable (same rules as spans)."""
+        return self.export(body, transport, parse, peer, logs=True)
 
     def export(self, body: bytes, transport: str, parse: Callable[[bytes], Any] = otlp_wire.parse_protobuf,
-               peer: str = "?") -> ExportResult:
-        """Store the spans of one ExportTraceServiceRequest; return once durable.
+               peer: str = "?", logs: bool = False) -> ExportResult:
+        """Store the spans of one ExportTraceServiceRequest (or log records); return once durable.
 
         Raises:
             PermanentError: malformed or oversized request (do not retry).
@@ -89,8 +123,11 @@ class IngestPipeline:
                 # add switching overhead and hold more decoded objects in memory at once.
                 with self._decode_slots:
                     request = parse(body)
-                    decoded = decode_request(request, received_ns, self.max_value_bytes,
-                                             self.writer.active_recent_keys())
+                    if logs:
+                        decoded = decode_logs_request(request, received_ns, self.max_value_bytes)
+                    else:
+                        decoded = decode_request(request, received_ns, self.max_value_bytes,
+                                                 self.writer.active_recent_keys())
             except PermanentError as exc:
                 self._bad(transport, "malformed", peer, str(exc))
                 raise
@@ -98,25 +135,28 @@ class IngestPipeline:
         except BaseException:
             ticket.release()
             raise
-        self.metrics.spans_received.inc(decoded.spans_total)
+        counters = self._log_counters if logs else self._span_counters
+        counters.received.inc(decoded.spans_total)
         try:
             future.result(timeout=self.commit_timeout_s)
         except RetryableError:
-            self.metrics.spans_refused.inc(decoded.rows)
+            counters.refused.inc(decoded.rows)
             self.metrics.requests.labels(transport, "refused").inc()
             raise
         except TimeoutError:
-            self.metrics.spans_refused.inc(decoded.rows)
+            counters.refused.inc(decoded.rows)
             self.metrics.requests.labels(transport, "refused").inc()
             raise RetryableError("commit did not finish in time; retry later", 2.0) from None
-        self.metrics.spans_accepted.inc(decoded.rows + decoded.spans_duplicate)
-        self.metrics.spans_duplicate.inc(decoded.spans_duplicate)
+        counters.accepted.inc(decoded.rows + decoded.spans_duplicate)
+        if counters.duplicate is not None:
+            counters.duplicate.inc(decoded.spans_duplicate)
         if decoded.spans_rejected:
-            self.metrics.spans_rejected.inc(decoded.spans_rejected)
+            counters.rejected.inc(decoded.spans_rejected)
             self.metrics.requests.labels(transport, "partial").inc()
-            self._log.warning("rejected_spans", "%s export from %s: rejected %d of %d spans: %s", transport,
-                              peer, decoded.spans_rejected, decoded.spans_total, decoded.rejection_messages[0])
-            message = f"rejected {decoded.spans_rejected} of {decoded.spans_total} spans: " + "; ".join(
+            self._log.warning("rejected_" + counters.noun, "%s export from %s: rejected %d of %d %s: %s", transport,
+                              peer, decoded.spans_rejected, decoded.spans_total, counters.noun,
+                              decoded.rejection_messages[0])
+            message = f"rejected {decoded.spans_rejected} of {decoded.spans_total} {counters.noun}: " + "; ".join(
                 decoded.rejection_messages)
             return ExportResult(decoded.spans_rejected, message)
         self.metrics.requests.labels(transport, "ok").inc()
@@ -126,6 +166,10 @@ class IngestPipeline:
         self.metrics.bad_requests.labels(reason).inc()
         self.metrics.requests.labels(transport, "invalid").inc()
         self._log.warning(reason, "%s export from %s refused (%s): %s", transport, peer, reason, detail[:300])
+
+    def count_bad(self, transport: str, reason: str, peer: str, detail: str) -> None:
+        """Count (and log, rate-limited) a request refused before it reached ``export``."""
+        self._bad(transport, reason, peer, detail)
 
     def count_unauthenticated(self, transport: str) -> None:
         self.metrics.requests.labels(transport, "unauthenticated").inc()

@@ -24,7 +24,9 @@ class CollectorMetrics:
             "Spans acknowledged without storing again: retries of spans stored before a restart.", registry=r)
         self.spans_refused = Counter(
             "tracetrain_spans_refused",
-            "Spans refused with a retryable error (back-pressure, shutdown, storage trouble).", registry=r)
+            "Decoded spans refused with a retryable error (storage trouble, commit timeout). Requests refused "
+            "before decoding (over max_pending_bytes) are counted in tracetrain_requests_total{outcome=\"refused\"}.",
+            registry=r)
         self.spans_rejected = Counter(
             "tracetrain_spans_rejected", "Spans rejected as invalid (partial_success or a 400).", registry=r)
         self.requests = Counter(

@@ -49,6 +49,10 @@ _TRACELOOP_PROVIDERS = {"mistralai": "mistral_ai", "azure": "azure.ai.openai", "
                         "google": "gcp.gen_ai", "watsonx": "ibm.watsonx.ai", "vertexai": "gcp.vertex_ai"}
 
 
+# OpenAI finish reasons -> the OTel enum (stop|length|content_filter|tool_call|error).
+_FINISH_REASONS = {"tool_calls": "tool_call", "function_call": "tool_call"}
+
+
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -89,11 +93,25 @@ def _content_part(part: dict) -> dict:
     return part
 
 
+def _json_text(text: str) -> str:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return dumps(text)
+    return text
+
+
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else dumps(value)
 
 
 def tool_call_part(call_id: Any, name: Any, arguments: Any) -> dict:
+    """A tool_call part; arguments sent as a JSON object string become the object, as in OTel's own format."""
+    if isinstance(arguments, str) and arguments[:1] == "{":
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            pass
     part: dict[str, Any] = {"type": "tool_call"}
     if call_id is not None:
         part["id"] = call_id
@@ -119,7 +137,8 @@ def make_message(role: Any, content: Any, tool_calls: list[dict] | None = None, 
     if name:
         message["name"] = name
     if finish_reason:
-        message["finish_reason"] = finish_reason
+        message["finish_reason"] = _FINISH_REASONS.get(finish_reason, finish_reason) \
+            if isinstance(finish_reason, str) else finish_reason
     return message
 
 
@@ -152,6 +171,11 @@ def ensure_parts(messages: Any) -> Any:
 # ---------------------------------------------------------------- indexed attributes
 
 
+def _is_index(text: str) -> bool:
+    # ASCII digits only ("²".isdigit() is true), and short enough for int().
+    return 0 < len(text) <= 9 and text.isascii() and text.isdigit()
+
+
 def _indexed(attrs: dict[str, Any]) -> dict[str, dict[int, dict[str, str]]]:
     """prefix -> index -> rest of the key -> full key, for every indexed message key."""
     groups: dict[str, dict[int, dict[str, str]]] = {}
@@ -160,7 +184,7 @@ def _indexed(attrs: dict[str, Any]) -> dict[str, dict[int, dict[str, str]]]:
             continue
         prefix = next(p for p in _PREFIXES if key.startswith(p))
         index, _, rest = key[len(prefix):].partition(".")
-        if index.isdigit() and rest:
+        if _is_index(index) and rest:
             groups.setdefault(prefix, {}).setdefault(int(index), {})[rest] = key
     return groups
 
@@ -171,7 +195,7 @@ def _sub_indexed(fields: dict[str, str], prefix: str) -> list[dict[str, str]]:
     for rest, key in fields.items():
         if rest.startswith(prefix):
             index, _, sub = rest[len(prefix):].partition(".")
-            if index.isdigit() and sub:
+            if _is_index(index) and sub:
                 found.setdefault(int(index), {})[sub] = key
     return [found[i] for i in sorted(found)]
 
@@ -252,18 +276,47 @@ def normalize(attrs: dict[str, Any], typed: dict[str, tuple[int, Any]], span_nam
     were turned into ``input_messages``/``output_messages`` leave ``attrs`` (they
     are bulky, and the typed column holds them), as the GenAI message keys do.
     """
+    for column in (sc.COL_INPUT_MESSAGES, sc.COL_OUTPUT_MESSAGES):  # as sent: make sure it is JSON
+        entry = typed.get(column)
+        if entry is not None and isinstance(entry[1], str):
+            typed[column] = (entry[0], _json_text(entry[1]))
     groups = _indexed(attrs)
     used: set[str] = set()
-    inputs = outputs = None
-    operation = None
-    oi_kind = attrs.get(sc.OPENINFERENCE_SPAN_KIND)
-    if isinstance(oi_kind, str):
-        oi_kind = oi_kind.upper()
+    operation = _openinference(attrs, typed, groups, span_name, used)
+    if sc.COL_INPUT_MESSAGES not in typed and _TL_IN in groups:
+        _put_messages(typed, sc.COL_INPUT_MESSAGES, _traceloop_messages(attrs, groups[_TL_IN], used))
+    if sc.COL_OUTPUT_MESSAGES not in typed and _TL_OUT in groups:
+        _put_messages(typed, sc.COL_OUTPUT_MESSAGES, _traceloop_messages(attrs, groups[_TL_OUT], used))
+    _normalize_traceloop(attrs, typed)
+    if operation is None:
+        request_type = attrs.get(sc.TRACELOOP_REQUEST_TYPE)
+        operation = _TRACELOOP_REQUEST_TYPES.get(request_type) if isinstance(request_type, str) else None
+    _put(typed, sc.COL_OPERATION, operation)
+    for key in used:
+        del attrs[key]
+
+
+def _put_messages(typed: dict[str, tuple[int, Any]], column: str, messages: list[dict]) -> None:
+    if messages:
+        typed[column] = (NORMALIZED_RANK, dumps(messages))
+
+
+def _openinference(attrs: dict[str, Any], typed: dict[str, tuple[int, Any]], groups: dict, span_name: str,
+                   used: set[str]) -> str | None:
+    """OpenInference messages and agent name into ``typed``; returns the operation it implies."""
+    kind = attrs.get(sc.OPENINFERENCE_SPAN_KIND)
+    if not isinstance(kind, str):
+        return None
+    kind = kind.upper()
+    operation = "chat" if _OI_IN in groups else "text_completion" if _OI_PROMPTS in groups else None
+    if sc.COL_INPUT_MESSAGES not in typed:
         if _OI_IN in groups:
-            inputs, operation = _openinference_messages(attrs, groups[_OI_IN], used), "chat"
+            _put_messages(typed, sc.COL_INPUT_MESSAGES, _openinference_messages(attrs, groups[_OI_IN], used))
         elif _OI_PROMPTS in groups:
-            inputs = _openinference_texts(attrs, groups[_OI_PROMPTS], "prompt.text", "user", used)
-            operation = "text_completion"
+            _put_messages(typed, sc.COL_INPUT_MESSAGES,
+                          _openinference_texts(attrs, groups[_OI_PROMPTS], "prompt.text", "user", used))
+    if sc.COL_OUTPUT_MESSAGES not in typed:
+        outputs = None
         if _OI_OUT in groups:
             outputs = _openinference_messages(attrs, groups[_OI_OUT], used)
         elif _OI_CHOICES in groups:
@@ -271,25 +324,11 @@ def normalize(attrs: dict[str, Any], typed: dict[str, tuple[int, Any]], span_nam
         finish = attrs.get("llm.finish_reason")
         if outputs and isinstance(finish, str):
             for message in outputs:
-                message.setdefault("finish_reason", finish)
-        operation = (operation or "chat") if oi_kind == "LLM" else _OI_OPERATIONS.get(oi_kind)
-        if oi_kind == "AGENT":
-            _put(typed, sc.COL_AGENT_NAME, span_name or None)
-    if inputs is None and _TL_IN in groups:
-        inputs = _traceloop_messages(attrs, groups[_TL_IN], used)
-    if outputs is None and _TL_OUT in groups:
-        outputs = _traceloop_messages(attrs, groups[_TL_OUT], used)
-    _normalize_traceloop(attrs, typed)
-    if operation is None:
-        request_type = attrs.get(sc.TRACELOOP_REQUEST_TYPE)
-        operation = _TRACELOOP_REQUEST_TYPES.get(request_type) if isinstance(request_type, str) else None
-    _put(typed, sc.COL_OPERATION, operation)
-    if inputs and sc.COL_INPUT_MESSAGES not in typed:
-        typed[sc.COL_INPUT_MESSAGES] = (NORMALIZED_RANK, dumps(inputs))
-    if outputs and sc.COL_OUTPUT_MESSAGES not in typed:
-        typed[sc.COL_OUTPUT_MESSAGES] = (NORMALIZED_RANK, dumps(outputs))
-    for key in used:
-        del attrs[key]
+                message.setdefault("finish_reason", _FINISH_REASONS.get(finish, finish))
+        _put_messages(typed, sc.COL_OUTPUT_MESSAGES, outputs or [])
+    if kind == "AGENT":
+        _put(typed, sc.COL_AGENT_NAME, span_name or None)
+    return (operation or "chat") if kind == "LLM" else _OI_OPERATIONS.get(kind)
 
 
 def _normalize_traceloop(attrs: dict[str, Any], typed: dict[str, tuple[int, Any]]) -> None:

@@ -95,7 +95,7 @@ def parse_json(body: bytes) -> Any:
     request = trace_service_pb2.ExportTraceServiceRequest()
     try:
         ParseDict(document, request, ignore_unknown_fields=True)
-    except (ParseError, ValueError, TypeError, AttributeError) as exc:
+    except (ParseError, ValueError, TypeError, AttributeError, OverflowError) as exc:
         raise PermanentError(f"OTLP/JSON does not match ExportTraceServiceRequest: {exc}") from None
     except RecursionError:
         raise PermanentError("OTLP/JSON nesting is too deep") from None

@@ -5,9 +5,12 @@ then turns the request and the response (whole JSON, or SSE chunks as they pass)
 into span attributes: OTel GenAI ``gen_ai.*`` keys plus tracetrain's token ids,
 logprobs and policy version (``instrumentation/semconv.py``).
 
-One span per choice: with ``n > 1`` (or several prompts in one completions
-request) every sampled completion is its own trainable sample, so each gets its
-own ``llm_calls`` row with the shared prompt ids and its own response ids.
+Choices follow the same contract as the in-process capture (docs/capture.md): one
+span per model call, choice 0 in ``tracetrain.output.token_ids``/``.logprobs``,
+choice ``i >= 1`` in ``tracetrain.output.choice.<i>.token_ids``/``.logprobs``,
+``gen_ai.output.messages`` with one message per choice. A completions request
+with several prompts is several model calls (each prompt has its own prompt ids),
+so it leaves one span per prompt.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as otel_gen_ai
 
@@ -25,9 +29,6 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 CAPTURED_OPERATIONS = {CHAT_PATH: "chat", COMPLETIONS_PATH: "text_completion"}
 PROVIDER = "vllm"
-
-POLICY_VERSION_HEADER = "x-tracetrain-policy-version"
-"""Response header (from the serving side) naming the weights that answered."""
 
 # Request headers a caller may set instead of (or besides) W3C baggage, for
 # clients that cannot run an OTel SDK at all (curl, a shell script).
@@ -40,18 +41,19 @@ CONTEXT_HEADERS = {
 # Baggage keys read from the caller's W3C ``baggage`` header: the semconv keys.
 CONTEXT_BAGGAGE_KEYS = (sc.EPISODE_ID, sc.TASK_ID, sc.ROLLOUT_ID, sc.GEN_AI_AGENT_NAME, sc.GEN_AI_CONVERSATION_ID)
 
-CHOICE_INDEX = "tracetrain.choice.index"
-"""int: which choice of a multi-choice response a span records (only when there are several).
-NOTE: belongs in instrumentation/semconv.py; kept here until that contract adds it."""
+# Values of sc.TOKEN_IDS_UNAVAILABLE_REASON, as the in-process capture uses them.
+REASON_DISABLED = "capture_disabled"  # here: the caller sent return_token_ids: false
+REASON_NOT_IN_RESPONSE = "not_in_response"  # asked, not returned (or no response at all)
+REASON_ERROR = "capture_error"  # the proxy could not read the response; it was relayed anyway
 
-# Request parameters recorded as OTel GenAI request attributes.
+# Request parameters recorded as OTel GenAI request attributes (float/int as the spec types them).
 _REQUEST_PARAMS = {
-    "temperature": otel_gen_ai.GEN_AI_REQUEST_TEMPERATURE,
-    "top_p": otel_gen_ai.GEN_AI_REQUEST_TOP_P,
-    "max_tokens": otel_gen_ai.GEN_AI_REQUEST_MAX_TOKENS,
-    "max_completion_tokens": otel_gen_ai.GEN_AI_REQUEST_MAX_TOKENS,
-    "seed": otel_gen_ai.GEN_AI_REQUEST_SEED,
-    "n": otel_gen_ai.GEN_AI_REQUEST_CHOICE_COUNT,
+    "temperature": (sc.GEN_AI_REQUEST_TEMPERATURE, float),
+    "top_p": (otel_gen_ai.GEN_AI_REQUEST_TOP_P, float),
+    "max_tokens": (sc.GEN_AI_REQUEST_MAX_TOKENS, int),
+    "max_completion_tokens": (sc.GEN_AI_REQUEST_MAX_TOKENS, int),
+    "seed": (otel_gen_ai.GEN_AI_REQUEST_SEED, int),
+    "n": (sc.GEN_AI_REQUEST_CHOICE_COUNT, int),
 }
 
 
@@ -167,13 +169,16 @@ class ChoiceRecord:
     finish_reason: str | None = None
 
     def add_token_ids(self, ids: Any) -> None:
-        if isinstance(ids, list):
-            self.token_ids = (self.token_ids or []) + [int(i) for i in ids]
+        if isinstance(ids, list):  # extended in place: a stream adds one id per chunk
+            if self.token_ids is None:
+                self.token_ids = []
+            self.token_ids.extend(int(i) for i in ids)
 
     def add_logprobs(self, values: list[Any]) -> None:
+        if self.logprobs is None:
+            self.logprobs = []
         # JSON has no -inf (vLLM clamps it to -9999.0); a null stays visible as NaN
-        floats = [float(v) if isinstance(v, (int, float)) else math.nan for v in values]
-        self.logprobs = (self.logprobs or []) + floats
+        self.logprobs.extend(float(v) if isinstance(v, (int, float)) else math.nan for v in values)
 
     def add_tool_call_delta(self, delta: dict[str, Any]) -> None:
         slot = self.tool_calls.setdefault(int(delta.get("index", len(self.tool_calls))),
@@ -189,10 +194,11 @@ class ChoiceRecord:
 
     def output_message(self) -> dict[str, Any]:
         parts: list[dict[str, Any]] = []
-        if self.reasoning:
+        if "".join(self.reasoning):
             parts.append({"type": "reasoning", "content": "".join(self.reasoning)})
-        if self.text:
-            parts.append({"type": "text", "content": "".join(self.text)})
+        text = "".join(self.text)
+        if text:  # a stream's first delta is an empty string even for a pure tool call
+            parts.append({"type": "text", "content": text})
         for _, call in sorted(self.tool_calls.items()):
             parts.append({"type": "tool_call", "id": call["id"], "name": call["name"],
                           "arguments": _parse_arguments(call["arguments"])})
@@ -293,66 +299,97 @@ class CallRecord:
 
     # ------------------------------------------------------------ span attributes
 
-    def input_messages(self, choice_index: int) -> list[dict[str, Any]]:
+    @property
+    def choices_per_prompt(self) -> int:
+        n = self.request.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+    def groups(self) -> list[list[ChoiceRecord]]:
+        """Choices per model call: all of them for chat, per prompt for completions.
+
+        vLLM numbers completions choices prompt-major (prompt ``i`` has choices
+        ``i*n .. i*n+n-1``)."""
+        choices = [self.choices[i] for i in sorted(self.choices)]
+        if self.operation == "chat" or len(choices) <= self.choices_per_prompt:
+            return [choices]
+        by_prompt: dict[int, list[ChoiceRecord]] = {}
+        for choice in choices:
+            by_prompt.setdefault(choice.index // self.choices_per_prompt, []).append(choice)
+        return [by_prompt[k] for k in sorted(by_prompt)]
+
+    def input_messages(self, prompt_index: int) -> list[dict[str, Any]]:
         if self.operation == "chat":
             return [chat_message_to_otel(m) for m in self.request.get("messages") or [] if isinstance(m, dict)]
         prompts = completion_prompts(self.request.get("prompt"))
-        n = self.request.get("n") if isinstance(self.request.get("n"), int) and self.request["n"] > 0 else 1
-        text = prompts[min(choice_index // n, len(prompts) - 1)]  # vLLM orders choices prompt-major
+        text = prompts[min(prompt_index, len(prompts) - 1)]
         return [{"role": "user", "parts": [{"type": "text", "content": text}] if text is not None else []}]
 
-    def request_attributes(self) -> dict[str, Any]:
+    def request_attributes(self, upstream_url: str | None = None) -> dict[str, Any]:
         """What is known before the response: used to name and start the span."""
         attributes: dict[str, Any] = {sc.GEN_AI_OPERATION_NAME: self.operation, sc.GEN_AI_PROVIDER_NAME: PROVIDER}
         if self.request_model:
             attributes[sc.GEN_AI_REQUEST_MODEL] = self.request_model
-        for param, key in _REQUEST_PARAMS.items():
+        for param, (key, kind) in _REQUEST_PARAMS.items():
             value = self.request.get(param)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and (param != "n" or value > 1):
-                attributes[key] = value
-        attributes.update(self.context)
-        return attributes
-
-    def span_attributes(self) -> list[dict[str, Any]]:
-        """One attribute dict per choice (at least one, so a failed call still leaves a span)."""
-        choices = [self.choices[i] for i in sorted(self.choices)] or [ChoiceRecord(0)]
-        return [self._choice_attributes(choice, several=len(choices) > 1) for choice in choices]
-
-    def _choice_attributes(self, choice: ChoiceRecord, several: bool) -> dict[str, Any]:
-        attributes = self.request_attributes()
-        optional = {
-            sc.GEN_AI_RESPONSE_MODEL: self.response_model,
-            sc.GEN_AI_RESPONSE_ID: self.response_id,
-            sc.POLICY_VERSION: self.policy_version,
-            CHOICE_INDEX: choice.index if several else None,
-        }
-        attributes.update({k: v for k, v in optional.items() if v is not None})
-        attributes[sc.GEN_AI_INPUT_MESSAGES] = json.dumps(self.input_messages(choice.index), ensure_ascii=False)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                attributes[key] = kind(value)
+        if upstream_url:
+            url = urlsplit(upstream_url)
+            attributes.update({k: v for k, v in ((sc.SERVER_ADDRESS, url.hostname), (sc.SERVER_PORT, url.port))
+                               if v is not None})
         if self.operation == "chat" and self.request.get("tools"):
             attributes[otel_gen_ai.GEN_AI_TOOL_DEFINITIONS] = json.dumps(
                 tool_definitions_to_otel(self.request["tools"]), ensure_ascii=False)
-        if self.choices:
-            attributes[sc.GEN_AI_OUTPUT_MESSAGES] = json.dumps([choice.output_message()], ensure_ascii=False)
-            attributes[otel_gen_ai.GEN_AI_RESPONSE_FINISH_REASONS] = [choice.finish_reason or "unknown"]
-        attributes.update(self._token_attributes(choice, several))
+        attributes.update(self.context)
         return attributes
 
-    def _token_attributes(self, choice: ChoiceRecord, several: bool) -> dict[str, Any]:
+    def span_attributes(self, capture_failed: bool = False) -> list[dict[str, Any]]:
+        """Response attributes, one dict per model call (at least one: a failed call still leaves a span)."""
+        groups = self.groups() if self.choices else [[]]
+        out = []
+        for prompt_index, group in enumerate(groups):
+            attributes = {k: v for k, v in ((sc.GEN_AI_RESPONSE_MODEL, self.response_model),
+                                            (sc.GEN_AI_RESPONSE_ID, self.response_id),
+                                            (sc.POLICY_VERSION, self.policy_version)) if v is not None}
+            attributes[sc.GEN_AI_INPUT_MESSAGES] = json.dumps(self.input_messages(prompt_index), ensure_ascii=False)
+            if group:
+                attributes[sc.GEN_AI_OUTPUT_MESSAGES] = json.dumps([c.output_message() for c in group],
+                                                                   ensure_ascii=False)
+                attributes[sc.GEN_AI_RESPONSE_FINISH_REASONS] = [c.finish_reason or "" for c in group]
+            attributes.update(self._token_attributes(group, single_call=len(groups) == 1))
+            if sc.OUTPUT_TOKEN_IDS not in attributes:
+                disabled = self.request.get("return_token_ids") is False
+                attributes[sc.TOKEN_IDS_UNAVAILABLE_REASON] = (
+                    REASON_DISABLED if disabled else REASON_ERROR if capture_failed else REASON_NOT_IN_RESPONSE)
+            out.append(attributes)
+        return out
+
+    def _token_attributes(self, group: list[ChoiceRecord], single_call: bool) -> dict[str, Any]:
         attributes: dict[str, Any] = {}
-        prompt_ids = choice.prompt_token_ids if choice.prompt_token_ids is not None else self.prompt_token_ids
+        first = group[0] if group else ChoiceRecord(0)
+        prompt_ids = first.prompt_token_ids if first.prompt_token_ids is not None else self.prompt_token_ids
         if prompt_ids is not None:
             attributes[sc.INPUT_TOKEN_IDS] = prompt_ids
             attributes[sc.GEN_AI_USAGE_INPUT_TOKENS] = len(prompt_ids)
-        elif isinstance(self.usage.get("prompt_tokens"), int):
+        elif single_call and isinstance(self.usage.get("prompt_tokens"), int):
             attributes[sc.GEN_AI_USAGE_INPUT_TOKENS] = self.usage["prompt_tokens"]
-        if choice.token_ids is not None:
-            attributes[sc.OUTPUT_TOKEN_IDS] = choice.token_ids
-            attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = len(choice.token_ids)
+        for position, choice in enumerate(group):
+            if choice.token_ids is None:
+                continue
+            ids_key, logprobs_key = (sc.OUTPUT_TOKEN_IDS, sc.OUTPUT_LOGPROBS) if position == 0 else (
+                sc.OUTPUT_CHOICE_TOKEN_IDS_TEMPLATE.format(index=position),
+                sc.OUTPUT_CHOICE_LOGPROBS_TEMPLATE.format(index=position))
+            attributes[ids_key] = choice.token_ids
             # the contract is one logprob per id; a partial list would misalign every token after it
             if choice.logprobs is not None and len(choice.logprobs) == len(choice.token_ids):
-                attributes[sc.OUTPUT_LOGPROBS] = choice.logprobs
-        elif not several and isinstance(self.usage.get("completion_tokens"), int):
+                attributes[logprobs_key] = choice.logprobs
+        if len(group) > 1:
+            attributes[sc.OUTPUT_CHOICE_COUNT] = len(group)
+        counted = [len(c.token_ids) for c in group if c.token_ids is not None]
+        if single_call and isinstance(self.usage.get("completion_tokens"), int):
             attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = self.usage["completion_tokens"]
+        elif counted and len(counted) == len(group):
+            attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = sum(counted)
         return attributes
 
 

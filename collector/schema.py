@@ -57,3 +57,33 @@ SPAN_SCHEMA = pa.schema(
 
 SCALAR_COLUMNS = [f.name for f in SPAN_SCHEMA if not pa.types.is_list(f.type)]
 """Columns built from per-span Python values."""
+
+LOG_SCHEMA = pa.schema(
+    [
+        pa.field(sc.COL_TRACE_ID, pa.string()),
+        pa.field(sc.COL_SPAN_ID, pa.string()),
+        pa.field(sc.COL_TIME_NS, pa.int64()),
+        pa.field(sc.COL_OBSERVED_NS, pa.int64()),
+        pa.field(sc.COL_SEVERITY_NUMBER, pa.int8()),
+        pa.field(sc.COL_SEVERITY_TEXT, pa.string()),
+        pa.field(sc.COL_EVENT_NAME, pa.string()),
+        pa.field(sc.COL_BODY, pa.string()),
+        pa.field(sc.COL_ATTRIBUTES, pa.string()),
+        pa.field(sc.COL_SERVICE_NAME, pa.string()),
+        pa.field(sc.COL_RESOURCE_ATTRIBUTES, pa.string()),
+        pa.field(sc.COL_SCOPE_NAME, pa.string()),
+        pa.field(sc.COL_SCOPE_VERSION, pa.string()),
+        pa.field(sc.COL_RECEIVED_NS, pa.int64()),
+        pa.field(sc.COL_RECORD_ID, pa.string(), nullable=False),
+        pa.field(sc.COL_INPUT_MESSAGES, pa.string()),
+        pa.field(sc.COL_OUTPUT_MESSAGES, pa.string()),
+        pa.field(sc.COL_SYSTEM_INSTRUCTIONS, pa.string()),
+        pa.field(sc.COL_MESSAGE, pa.string()),
+        pa.field(sc.COL_MESSAGE_DIRECTION, pa.string()),
+        pa.field(sc.COL_MESSAGE_INDEX, pa.int64()),
+        pa.field(sc.COL_RECORD_SEQ, pa.int64()),
+    ],
+    metadata={sc.PARQUET_SCHEMA_VERSION_KEY: str(sc.SCHEMA_VERSION)},
+)
+"""One row per OTLP log record (``DATA/logs/``). GenAI message events are also
+normalized into the message columns (OTel parts format), which ``llm_calls`` joins."""

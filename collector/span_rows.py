@@ -16,7 +16,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from tracetrain.collector.anyvalue_arrays import decode_double_arrays, decode_int_arrays
+from tracetrain.collector.anyvalue_arrays import (
+    decode_double_arrays,
+    decode_int_arrays,
+    numbers_from_array_bytes,
+)
 from tracetrain.collector.normalize import NORMALIZED_RANK, TRIGGER_KEYS, normalize
 from tracetrain.collector.otlp_wire import (
     _json_double,
@@ -108,6 +112,15 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _json_text(text: str) -> str:
+    """``text`` if it is JSON, else ``text`` encoded as a JSON string (message columns hold JSON)."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return _dumps(text)
+    return text
+
+
 def _attributes_to_dict(attributes: Any) -> dict[str, Any]:
     return {kv.key: shadow_anyvalue_to_python(kv.value) for kv in attributes}
 
@@ -121,17 +134,18 @@ def _as_str(value: Any) -> str | None:
 
 
 def _as_int(value: Any) -> int | None:
+    """An int64 column value, or None for anything else (bools, fractions, out of range)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if -(2**63) <= value < 2**63 else None
     if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
+        value = int(value)
+    elif isinstance(value, str):
         try:
-            return int(value)
+            value = int(value)
         except ValueError:
             return None
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else None
     return None
 
 
@@ -186,7 +200,7 @@ class _Columns:
         for f in SPAN_SCHEMA:
             if f.name in self.arrays:
                 decode = decode_double_arrays if pa.types.is_floating(f.type.value_type) else decode_int_arrays
-                arrays.append(decode(self.arrays[f.name], array_bytes_to_python))
+                arrays.append(decode(self.arrays[f.name], numbers_from_array_bytes))
             else:
                 arrays.append(pa.array(self.scalars[f.name], f.type))
         batch = pa.RecordBatch.from_arrays(arrays, schema=SPAN_SCHEMA)
@@ -246,6 +260,25 @@ def _check_ids(span: Any) -> str | None:
         return f"span {span.name[:80]!r}: span_id must be 8 non-zero bytes, got {len(span_id)} bytes"
     if len(parent) not in (0, 8):
         return f"span {span.name[:80]!r}: parent_span_id must be empty or 8 bytes, got {len(parent)} bytes"
+    # Enums are open in proto3, but a value outside the spec's range is not a span we can store.
+    if not 0 <= span.kind <= 5:
+        return f"span {span.name[:80]!r}: kind {span.kind} is not a SpanKind (0-5)"
+    if not 0 <= span.status.code <= 2:
+        return f"span {span.name[:80]!r}: status code {span.status.code} is not a StatusCode (0-2)"
+    return None
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _check_sizes(span: Any, max_value_bytes: int) -> str | None:
+    """Events and links are bounded like attribute values (each as a whole)."""
+    for label, items in (("event", span.events), ("link", span.links)):
+        for item in items:
+            size = item.ByteSize()
+            if size > max_value_bytes:
+                return f"span {span.name[:80]!r}: an {label} is {size} bytes, over the {max_value_bytes}-byte limit"
     return None
 
 
@@ -265,7 +298,7 @@ def _append_span(
     This loop runs once per attribute of every span stored, so it is written for
     speed: one dict lookup decides what an attribute feeds (``_KEY_ROUTES``).
     """
-    error = _check_ids(span)
+    error = _check_ids(span) or ((span.events or span.links) and _check_sizes(span, max_value_bytes))
     if error:
         return error
     trace_hex = span.trace_id.hex()
@@ -283,8 +316,9 @@ def _append_span(
         route = routes.get(key)
         if which == "string_value":
             py = value.string_value
-            if len(py) > max_value_bytes:
-                return _too_large(span, key, len(py), max_value_bytes)
+            # A char is 1-4 UTF-8 bytes: only strings that might be over the limit get measured.
+            if len(py) * 4 > max_value_bytes and _utf8_len(py) > max_value_bytes:
+                return _too_large(span, key, _utf8_len(py), max_value_bytes)
         elif which == "array_value":
             raw = value.array_value
             if len(raw) > max_value_bytes:
@@ -297,26 +331,30 @@ def _append_span(
             py = getattr(value, which)
         elif which == "double_value":
             py = _json_double(value.double_value)
-        else:
+        else:  # kvlist, bytes or unset: rare, so measuring the whole value is affordable
+            size = value.ByteSize()
+            if size > max_value_bytes:
+                return _too_large(span, key, size, max_value_bytes)
             py = shadow_anyvalue_to_python(value)
         if route is None:
             attrs[key] = py
             continue
         kind, column, rank = route
         if kind == _ROUTE_MESSAGE:
-            typed[column] = (rank, py if isinstance(py, str) else _dumps(py))
+            if not isinstance(py, str):
+                py = _dumps(py)
+            elif py[:1] != "[" and py[:1] != "{":  # JSON text starts so; only odd values pay for a parse
+                py = _json_text(py)
+            typed[column] = (rank, py)
             continue
         current = typed.get(column)
         if current is None or current[0] > rank:
             typed[column] = (rank, py)
         attrs[key] = py
-    if typed:
-        if _NORMALIZE in typed:
-            normalize(attrs, typed, span.name)
-    if resource_typed:
-        for column, entry in resource_typed.items():
-            if column not in typed:
-                typed[column] = entry
+    if typed and _NORMALIZE in typed:  # a key of another convention was seen
+        normalize(attrs, typed, span.name)
+    for column, entry in resource_typed.items():  # usually empty
+        typed.setdefault(column, entry)
     _append_row(columns, span, trace_hex, span_hex, service, resource_json, scope, received_ns, attrs, typed)
     array_rows = columns.arrays
     for column in _ARRAY_COLUMN_NAMES:

@@ -38,7 +38,6 @@ from tracetrain.collector.compactor import finish_interrupted_compactions
 from tracetrain.collector.errors import RetryableError
 from tracetrain.collector.metrics import CollectorMetrics
 from tracetrain.collector.reader import ensure_schema_anchor
-from tracetrain.collector.schema import SPAN_SCHEMA
 from tracetrain.collector.segment_io import fsync_file, write_parquet
 from tracetrain.collector.span_rows import DecodedRequest
 from tracetrain.instrumentation import semconv as sc
@@ -207,15 +206,15 @@ class SpanWriter:
 
     def _write_partitions(self, items: list[_Pending]) -> tuple[int, int]:
         date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-        by_service: dict[str, list[pa.RecordBatch]] = {}
+        by_service: dict[tuple[str, str], list[pa.RecordBatch]] = {}
         for item in items:
-            for service, batch in item.decoded.batches:
-                by_service.setdefault(service, []).append(batch)
+            for service, batch in item.decoded.batches:  # spans, or log records (decoded.table)
+                by_service.setdefault((item.decoded.table, service), []).append(batch)
         written: list[tuple[Path, Path]] = []
         total_bytes = 0
         try:
-            for service, batches in by_service.items():
-                directory = layout.partition_dir(self.data_dir, date, service)
+            for (table, service), batches in by_service.items():
+                directory = layout.partition_dir(self.data_dir, date, service, table)
                 new_dir = not directory.exists()
                 directory.mkdir(parents=True, exist_ok=True)
                 if new_dir and self.fsync:
@@ -224,7 +223,7 @@ class SpanWriter:
                 seq = self.allocate_seq()
                 tmp = directory / layout.temp_file_name(self.writer_id, seq)
                 final = directory / layout.segment_file_name("part", self.writer_id, seq)
-                write_parquet(pa.Table.from_batches(batches, SPAN_SCHEMA), tmp)
+                write_parquet(pa.Table.from_batches(batches, batches[0].schema), tmp)
                 if self.fsync:
                     fsync_file(tmp)
                 written.append((tmp, final))
@@ -252,12 +251,16 @@ class SpanWriter:
 
     def _recover(self, dedup_window_s: float, dedup_active_s: float) -> None:
         """Clean up after a crash: temp files, half-finished compactions, duplicates."""
-        for tmp in layout.own_temp_files(self.data_dir, self.writer_id):
-            tmp.unlink(missing_ok=True)
-        segments = layout.own_segments(self.data_dir, self.writer_id)
-        finish_interrupted_compactions(self.data_dir, self.writer_id)
-        segments = [(p, n) for p, n in segments if p.exists()]
-        self._next_seq = (segments[-1][1].seq + 1) if segments else 0
+        for table in layout.TABLE_DIRS:
+            for tmp in layout.own_temp_files(self.data_dir, self.writer_id, table):
+                tmp.unlink(missing_ok=True)
+            finish_interrupted_compactions(self.data_dir, self.writer_id, table)
+        # One seq space for all tables: the next file must not reuse any table's name.
+        last_seqs = [segs[-1][1].seq for segs in (layout.own_segments(self.data_dir, self.writer_id, table)
+                                                  for table in layout.TABLE_DIRS) if segs]
+        self._next_seq = max(last_seqs) + 1 if last_seqs else 0
+        # Only span keys guard against retried duplicates (a log record shares its span's key).
+        segments = [(p, n) for p, n in layout.own_segments(self.data_dir, self.writer_id) if p.exists()]
         parts = [(p, p.stat().st_mtime) for p, n in segments if n.kind == "part"]
         if not parts:
             return

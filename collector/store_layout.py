@@ -30,6 +30,9 @@ from tracetrain.instrumentation import semconv as sc
 
 LAYOUT_VERSION = 1
 SPANS_DIR = "spans"
+LOGS_DIR = "logs"
+TABLE_DIRS = (SPANS_DIR, LOGS_DIR)
+"""Every table a writer writes; each is laid out like ``spans/`` (one seq space per writer)."""
 WRITERS_DIR = "_writers"
 STORE_FILE = "store.json"
 _FILE_RE = re.compile(r"^(part|compact)-(?P<writer>[A-Za-z0-9_.]+)-(?P<seq>\d{12})\.parquet$")
@@ -66,16 +69,20 @@ def temp_file_name(writer: str, seq: int) -> str:
     return f".tmp-{writer}-{seq:012d}.parquet.tmp"
 
 
-def partition_dir(data_dir: Path, date: str, service: str) -> Path:
-    """``spans/date=.../service=...``; the service is %-escaped as Hive does."""
+def partition_dir(data_dir: Path, date: str, service: str, table: str = SPANS_DIR) -> Path:
+    """``spans/date=.../service=...`` (or ``logs/...``); the service is %-escaped as Hive does."""
     escaped = urllib.parse.quote(service, safe="") or "unknown_service"
     if escaped.startswith("."):
         escaped = "%2E" + escaped[1:]
-    return data_dir / SPANS_DIR / f"date={date}" / f"service={escaped}"
+    return data_dir / table / f"date={date}" / f"service={escaped}"
 
 
 def spans_glob(data_dir: Path) -> str:
     return str(data_dir / SPANS_DIR / "*" / "*" / "*.parquet")
+
+
+def logs_glob(data_dir: Path) -> str:
+    return str(data_dir / LOGS_DIR / "*" / "*" / "*.parquet")
 
 
 def ensure_store(data_dir: Path) -> None:
@@ -159,11 +166,10 @@ class WriterLock:
             self._fd = None
 
 
-def own_segments(data_dir: Path, writer_id: str) -> list[tuple[Path, SegmentName]]:
-    """Every committed span file of one writer, in sequence order."""
+def own_segments(data_dir: Path, writer_id: str, table: str = SPANS_DIR) -> list[tuple[Path, SegmentName]]:
+    """Every committed file of one writer in one table, in sequence order."""
     found = []
-    spans = data_dir / SPANS_DIR
-    for path in spans.glob("*/*/*.parquet"):
+    for path in (data_dir / table).glob("*/*/*.parquet"):
         name = parse_segment_name(path.name)
         if name is not None and name.writer == writer_id:
             found.append((path, name))
@@ -171,5 +177,5 @@ def own_segments(data_dir: Path, writer_id: str) -> list[tuple[Path, SegmentName
     return found
 
 
-def own_temp_files(data_dir: Path, writer_id: str) -> list[Path]:
-    return list((data_dir / SPANS_DIR).glob(f"*/*/.tmp-{writer_id}-*.parquet.tmp"))
+def own_temp_files(data_dir: Path, writer_id: str, table: str = SPANS_DIR) -> list[Path]:
+    return list((data_dir / table).glob(f"*/*/.tmp-{writer_id}-*.parquet.tmp"))
