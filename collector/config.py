@@ -40,7 +40,7 @@ class CollectorConfig:
     tls_cert_file: str | None = _f(None, "PEM certificate; with tls_key_file, serve TLS on both ports.")
     tls_key_file: str | None = _f(None, "PEM private key for tls_cert_file.")
     writer_id: str | None = _f(None, "Writer id in the data directory (default: first free w0, w1, ...).")
-    max_pending_bytes: int = _f(32 << 20, "Wire bytes admitted but not yet committed before refusing (503/UNAVAILABLE).")
+    max_pending_bytes: int = _f(16 << 20, "Wire bytes admitted but not yet committed before refusing (503/UNAVAILABLE).")
     max_request_bytes: int = _f(64 << 20, "Largest request accepted, after decompression (413/RESOURCE_EXHAUSTED).")
     max_value_bytes: int = _f(8 << 20, "Largest single attribute value; a span with a larger one is rejected.")
     fsync: bool = _f(True, "fsync each commit before acknowledging (off: safe against process crashes only).")

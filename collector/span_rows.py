@@ -343,8 +343,10 @@ def _append_span(
         if kind == _ROUTE_MESSAGE:
             if not isinstance(py, str):
                 py = _dumps(py)
-            elif py[:1] != "[" and py[:1] != "{":  # JSON text starts so; only odd values pay for a parse
-                py = _json_text(py)
+            else:
+                first = py[:1]
+                if first != "[" and first != "{":  # JSON messages start so; only odd values pay for a parse
+                    py = _json_text(py)
             typed[column] = (rank, py)
             continue
         current = typed.get(column)

@@ -74,7 +74,7 @@ class SpanWriter:
         data_dir: Path,
         metrics: CollectorMetrics,
         writer_id: str | None = None,
-        max_pending_bytes: int = 32 << 20,
+        max_pending_bytes: int = 16 << 20,
         fsync: bool = True,
         dedup_window_s: float = 10.0,
         dedup_active_s: float = 300.0,
