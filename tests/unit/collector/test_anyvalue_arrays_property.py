@@ -4,6 +4,9 @@
 with NumPy and falls back to a slow, general decoder for anything else. Whatever the
 input, a row must come out either exactly as ``common_pb2.ArrayValue`` decodes it, or
 null (never a wrong number, never an exception).
+
+The slow decoder passed in is ``numbers_from_array_bytes``, the one ``span_rows`` uses for
+these columns, so NaN and infinities come out as numbers on either path.
 """
 
 from __future__ import annotations
@@ -15,12 +18,11 @@ import struct
 import pyarrow as pa
 import pytest
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.common.v1 import common_pb2
 
-from tracetrain.collector.anyvalue_arrays import decode_double_arrays, decode_int_arrays
-from tracetrain.collector.otlp_wire import array_bytes_to_python
+from tracetrain.collector.anyvalue_arrays import decode_double_arrays, decode_int_arrays, numbers_from_array_bytes
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # TRACETRAIN_HYPOTHESIS_SCALE=20 runs 20x the examples (a deeper, slower search).
@@ -95,15 +97,14 @@ def same_double_list(got: list[float], want: list[float]) -> bool:
 
 
 def decode_ints(rows: list[bytes | None]) -> list:
-    result = decode_int_arrays(rows, array_bytes_to_python)
-    assert isinstance(result, pa.ListArray) or pa.types.is_list(result.type)
+    result = decode_int_arrays(rows, numbers_from_array_bytes)
     assert result.type == pa.list_(pa.int64())
     assert len(result) == len(rows)
     return result.to_pylist()
 
 
 def decode_doubles(rows: list[bytes | None]) -> list:
-    result = decode_double_arrays(rows, array_bytes_to_python)
+    result = decode_double_arrays(rows, numbers_from_array_bytes)
     assert result.type == pa.list_(pa.float64())
     assert len(result) == len(rows)
     return result.to_pylist()
@@ -209,37 +210,31 @@ def _mutate(raw: bytes, data: st.DataObject) -> bytes:
     return bytes(buf)
 
 
-def _has_low_byte(raws: list[bytes | None]) -> bool:
-    # Excludes the input of the xfail'd bug below (non-empty bytes, none below 0x80).
-    joined = b"".join(r or b"" for r in raws)
-    return not joined or any(b < 0x80 for b in joined)
-
-
 @SETTINGS
 @given(st.lists(st.lists(int64s, max_size=10), min_size=1, max_size=5), st.data())
 def test_int_arrays_mutated_bytes_exact_or_null(rows: list[list[int]], data: st.DataObject) -> None:
     raws: list[bytes | None] = [encode_array(r) for r in rows]
     i = data.draw(st.integers(0, len(raws) - 1))
     raws[i] = _mutate(raws[i], data)
-    assume(_has_low_byte(raws))
     assert decode_ints(raws) == [expected_int_row(r) for r in raws]
 
 
 @SETTINGS
 @given(st.lists(st.one_of(st.none(), st.binary(max_size=40)), max_size=6))
+@example([b"\x80"])
+@example([None, b"\xff" * 12, b""])
 def test_int_arrays_arbitrary_bytes_exact_or_null(raws: list[bytes | None]) -> None:
-    assume(_has_low_byte(raws))
     assert decode_ints(raws) == [expected_int_row(r) for r in raws]
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "BUG: decode_int_arrays raises IndexError when the concatenated array bytes are non-empty but have no "
-    "byte below 0x80 (e.g. b'\\x80'): _int_array_lengths accepts 0 low bytes as 0 elements, then "
-    "_vector_decode_ints evaluates tag_pos[0] on an empty index array. Reachable from a request whose "
-    "tracetrain.*.token_ids attribute carries such array bytes; the export then fails as an internal error."))
 @pytest.mark.parametrize("rows", [[b"\x80"], [b"", b"\xff\xff"], [None, b"\x90\x91", b""]])
 def test_int_arrays_all_high_bytes_is_null_not_a_crash(rows: list[bytes | None]) -> None:
-    assert decode_ints(rows) == [expected_int_row(r) for r in rows]
+    """Non-empty bytes with no byte below 0x80 (no element can end there): null rows, no IndexError."""
+    got = decode_ints(rows)
+    assert got == [expected_int_row(r) for r in rows]
+    assert got == [None if r is None else ([] if r == b"" else None) for r in rows]
+    # next to a plain row, which stays exact
+    assert decode_ints([encode_array([1, 300]), *rows]) == [[1, 300], *got]
 
 
 # ---------------------------------------------------------------- double arrays
@@ -283,27 +278,32 @@ def test_double_element_with_exact_double_bytes_layout_but_other_field() -> None
     assert decode_doubles([raw, encode_array([2.5])]) == [None, [2.5]]
 
 
-def expected_double_row(raw: bytes | None) -> tuple[list[float] | None, bool]:
-    """(expected row, whether null is also tolerated) for the double decoder."""
+@pytest.mark.parametrize("value", [2**53 + 1, -(2**63) + 1, INT64_MAX, INT64_MIN])
+def test_double_arrays_inexact_int_is_widened_not_a_crash(value: int) -> None:
+    """An int no double represents exactly is rounded to the nearest double, as protobuf readers do."""
+    got = decode_doubles([encode_array([value]), encode_array([0.5])])
+    assert got == [[float(value)], [0.5]]
+    got = decode_doubles([encode_array([1.5, value, -2])])
+    assert got == [[1.5, float(value), -2.0]]
+
+
+def expected_double_row(raw: bytes | None) -> list[float] | None:
+    """What the double decoder must return for ``raw``: protobuf's numbers as doubles, or null."""
     if raw is None:
-        return None, False
+        return None
     decoded = protobuf_values(raw)
     if decoded is None or any(kind not in ("int_value", "double_value") for kind, _ in decoded):
-        return None, False
-    values = [float(v) for _, v in decoded]
-    # Non-finite values in a slow-path row come out null (see the xfail below); tolerate that here.
-    return values, not all(math.isfinite(v) for v in values)
+        return None
+    return [float(v) for _, v in decoded]  # ints widen (rounding); NaN and infinities kept
 
 
 def assert_double_rows(got: list, raws: list[bytes | None]) -> None:
     for g, raw in zip(got, raws):
-        want, null_ok = expected_double_row(raw)
+        want = expected_double_row(raw)
         if want is None:
             assert g is None, (g, raw)
-        elif g is None:
-            assert null_ok, ("row decoded to null", raw, want)
         else:
-            assert same_double_list(g, want), (g, want)
+            assert g is not None and same_double_list(g, want), (g, want, raw)
 
 
 @SETTINGS
@@ -321,17 +321,24 @@ def test_double_arrays_arbitrary_bytes_exact_or_null(raws: list[bytes | None]) -
     assert_double_rows(decode_doubles(raws), raws)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a logprob row holding -inf/NaN is decoded by the fast path when every row is a plain double array, "
-    "but becomes NULL as soon as any other row of the same request needs the slow path (or the row itself "
-    "mixes ints and doubles): array_bytes_to_python turns non-finite doubles into the strings 'nan'/'-inf' "
-    "(for JSON), and _slow_lists then rejects the whole row as non-numeric. The protobuf library decodes "
-    "[-inf, 1.5] exactly, so whether a row survives depends on its neighbours."))
 def test_double_arrays_non_finite_survive_the_slow_path() -> None:
-    with_inf = encode_array([-math.inf, 1.5])
-    assert decode_doubles([with_inf]) == [[-math.inf, 1.5]]  # fast path: fine
+    """A row's NaN/inf must not depend on whether its neighbours send the batch to the slow path."""
+    with_inf = encode_array([-math.inf, 1.5, math.inf])
+    assert decode_doubles([with_inf]) == [[-math.inf, 1.5, math.inf]]  # fast path
     # A neighbouring row of ints forces the slow path for the whole batch:
-    assert decode_doubles([with_inf, encode_array([1])]) == [[-math.inf, 1.5], [1.0]]
+    assert decode_doubles([with_inf, encode_array([1])]) == [[-math.inf, 1.5, math.inf], [1.0]]
+    # and so does a row mixing ints and doubles; NaN stays NaN
+    (row,) = decode_doubles([encode_array([math.nan, 2, -math.inf])])
+    assert math.isnan(row[0]) and row[1:] == [2.0, -math.inf]
+
+
+def test_numbers_from_array_bytes_keeps_non_finite_and_refuses_non_numbers() -> None:
+    got = numbers_from_array_bytes(encode_array([math.nan, -math.inf, 3, 0.5]))
+    assert math.isnan(got[0]) and got[1:] == [-math.inf, 3, 0.5] and isinstance(got[2], int)
+    assert numbers_from_array_bytes(encode_array([])) == []
+    for values in ([1, "2"], [True], [1.0, None], [[1.0]], [{"a": 1}], [b"\x01"]):
+        assert numbers_from_array_bytes(encode_array(values)) is None, values
+    assert numbers_from_array_bytes(b"\x0a\x09\x21\x00") is None  # truncated
 
 
 # ---------------------------------------------------------------- mixed and other arrays
@@ -366,6 +373,7 @@ def test_mixed_arrays_into_int_column_are_exact_or_null(rows: list[list | None])
 @FEWER
 @given(mixed_rows)
 @example([[1, 2.5], [True, 1.0], [[1.0]], ["1.0"], [1.0, None]])
+@example([[2**53 + 1, math.nan], [-math.inf, 1], [INT64_MAX]])
 def test_mixed_arrays_into_double_column_are_exact_or_null(rows: list[list | None]) -> None:
     raws = [None if r is None else encode_array(r) for r in rows]
     got = decode_doubles(raws)
@@ -375,5 +383,5 @@ def test_mixed_arrays_into_double_column_are_exact_or_null(rows: list[list | Non
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
         if not numeric:
             assert g is None, (g, row)
-        elif all(math.isfinite(float(x)) for x in row):
-            assert g is not None and same_double_list(g, [float(x) for x in row])
+        else:  # all numbers, NaN and infinities included: decoded, ints widened
+            assert g is not None and same_double_list(g, [float(x) for x in row]), (g, row)
