@@ -160,7 +160,8 @@ class FeedbackService:
     def _query(self, sql: str, params: list) -> list[tuple]:
         if self._connection is None:
             self._connection = reader.connect(self.data_dir)
-        return self._connection.execute(sql, params).fetchall()
+        connection = self._connection
+        return reader.run_listing_safe(lambda: connection.execute(sql, params).fetchall())
 
     def _lookup_reward(self, trace_hex: str, span_hex: str) -> tuple[str, float] | None:
         rows = self._query(f"SELECT {sc.COL_EPISODE_ID}, {sc.COL_REWARD} FROM {sc.TABLE_SPANS} "

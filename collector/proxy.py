@@ -208,20 +208,25 @@ class LLMProxy:
         return self
 
     async def _startup(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout_s,
-                                        sock_connect=self.config.upstream_connect_timeout_s)
-        # auto_decompress off: bodies are relayed exactly as the upstream sent them
-        self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
-                                              connector=aiohttp.TCPConnector(limit=0))
         app = web.Application(client_max_size=self.config.max_request_bytes)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
         sockets = site._server.sockets if site._server else []  # noqa: SLF001 - to learn port 0
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        # created after the bind, with no await before it, so no request can arrive first
+        timeout = aiohttp.ClientTimeout(total=self.config.upstream_timeout_s,
+                                        sock_connect=self.config.upstream_connect_timeout_s)
+        # auto_decompress off: bodies are relayed exactly as the upstream sent them
+        self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
+                                              connector=aiohttp.TCPConnector(limit=0))
 
     def stop(self) -> None:
         """Stop serving, then flush every span still queued. Idempotent."""

@@ -172,7 +172,7 @@ class ChoiceRecord:
         if isinstance(ids, list):  # extended in place: a stream adds one id per chunk
             if self.token_ids is None:
                 self.token_ids = []
-            self.token_ids.extend(int(i) for i in ids)
+            self.token_ids.extend(ids)  # JSON ints already; the exporter checks the type once, vectorized
 
     def add_logprobs(self, values: list[Any]) -> None:
         if self.logprobs is None:
@@ -250,7 +250,7 @@ class CallRecord:
         if isinstance(body.get("usage"), dict):
             self.usage = body["usage"]
         if isinstance(body.get("prompt_token_ids"), list):
-            self.prompt_token_ids = [int(i) for i in body["prompt_token_ids"]]
+            self.prompt_token_ids = body["prompt_token_ids"]
         if isinstance(body.get("error"), dict):  # vLLM reports mid-stream failures as an event
             self.error = str(body["error"].get("message") or body["error"])
 
@@ -292,7 +292,7 @@ class CallRecord:
     def _choice_ids(choice: ChoiceRecord, raw: dict[str, Any]) -> None:
         choice.add_token_ids(raw.get("token_ids"))
         if isinstance(raw.get("prompt_token_ids"), list):  # completions: per choice
-            choice.prompt_token_ids = [int(i) for i in raw["prompt_token_ids"]]
+            choice.prompt_token_ids = raw["prompt_token_ids"]
         values = _logprob_values(raw.get("logprobs"))
         if values is not None:
             choice.add_logprobs(values)

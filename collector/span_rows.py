@@ -355,8 +355,9 @@ def _append_span(
         attrs[key] = py
     if typed and _NORMALIZE in typed:  # a key of another convention was seen
         normalize(attrs, typed, span.name)
-    for column, entry in resource_typed.items():  # usually empty
-        typed.setdefault(column, entry)
+    if resource_typed:
+        for column, entry in resource_typed.items():
+            typed.setdefault(column, entry)
     _append_row(columns, span, trace_hex, span_hex, service, resource_json, scope, received_ns, attrs, typed)
     array_rows = columns.arrays
     for column in _ARRAY_COLUMN_NAMES:
