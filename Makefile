@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 NODE_DIR := tests/integration/node_exporter
+NODE_AGENT_DIR := examples/node_agent
 # Nothing in tests, CI or the demo may reach for the network.
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 WANDB_MODE=disabled
 export OTEL_NODE_RESOURCE_DETECTORS=env,host,os,process
@@ -12,9 +13,10 @@ export OTEL_NODE_RESOURCE_DETECTORS=env,host,os,process
 .PHONY: install node-deps test test-fast demo bench clean
 
 $(VENV)/.installed: pyproject.toml
+	rm -f $@
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,trainer]'
 	touch $@
 
 install: $(VENV)/.installed  ## the core package and test tools in ./.venv
@@ -23,7 +25,11 @@ $(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package-lock.json
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-node-deps: $(NODE_DIR)/node_modules/.installed  ## the Node.js OTel SDK used by the interop test
+$(NODE_AGENT_DIR)/node_modules/.installed: $(NODE_AGENT_DIR)/package-lock.json
+	cd $(NODE_AGENT_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-deps: $(NODE_DIR)/node_modules/.installed $(NODE_AGENT_DIR)/node_modules/.installed  ## Node.js OTel SDK for the interop tests and the Node agent
 
 test: install node-deps  ## every test, slow ones included
 	$(PY) -m pytest -q -p no:cacheprovider tests
