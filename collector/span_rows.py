@@ -64,9 +64,9 @@ _TYPED_SOURCES: dict[str, tuple[str, ...]] = {
     sc.COL_AGENT_NAME: (sc.GEN_AI_AGENT_NAME, sc.OPENINFERENCE_AGENT_NAME),
     sc.COL_CONVERSATION_ID: (sc.GEN_AI_CONVERSATION_ID, sc.OPENINFERENCE_SESSION_ID),
 }
-# Resource attributes (`tracetrain run` sets them through OTEL_RESOURCE_ATTRIBUTES) that fill
-# a column when the span itself does not set it.
-_RESOURCE_SOURCES = {
+# Resource attributes (`tracetrain run` sets them through OTEL_RESOURCE_ATTRIBUTES) that the
+# views use when neither the span nor its trace sets the column (reader._span_context_view).
+RESOURCE_SOURCES = {
     sc.EPISODE_ID: sc.COL_EPISODE_ID,
     sc.TASK_ID: sc.COL_TASK_ID,
     sc.ROLLOUT_ID: sc.COL_ROLLOUT_ID,
@@ -236,8 +236,10 @@ def decode_request(
         service = resource_attrs.get(sc.SERVICE_NAME)
         service = service if isinstance(service, str) and service else UNKNOWN_SERVICE
         resource_json = _dumps(resource_attrs) if resource_attrs else None
-        resource_typed = {column: (NORMALIZED_RANK, resource_attrs[key])
-                          for key, column in _RESOURCE_SOURCES.items() if key in resource_attrs}
+        # Ids in the resource (OTEL_RESOURCE_ATTRIBUTES, `tracetrain run`) are NOT copied into the
+        # span's columns: they rank below ids set on the trace's own spans, which only the
+        # reader's views can see (reader._span_context_view reads them from resource_attributes).
+        resource_typed: dict[str, tuple[int, Any]] = {}
         for scope_spans in resource_spans.scope_spans:
             scope = (scope_spans.scope.name or None, scope_spans.scope.version or None)
             for span in scope_spans.spans:

@@ -147,3 +147,105 @@ PROMOTED_ATTRIBUTE_COLUMNS: Final = {
 TABLE_SPANS: Final = "spans"
 VIEW_LLM_CALLS: Final = "llm_calls"
 VIEW_EPISODES: Final = "episodes"
+
+# ---------------------------------------------------------------- other conventions (normalized by the collector)
+# docs/conventions.md maps each of them onto the span-table columns.
+
+OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
+"""OpenInference: ``LLM``, ``EMBEDDING``, ``CHAIN``, ``TOOL``, ``AGENT``, ... (on every span)."""
+OPENINFERENCE_INPUT_MESSAGES: Final = "llm.input_messages"
+"""OpenInference prefix: ``llm.input_messages.<i>.message.{role, content, ...}``."""
+OPENINFERENCE_OUTPUT_MESSAGES: Final = "llm.output_messages"
+"""OpenInference prefix: ``llm.output_messages.<i>.message.{role, content, tool_calls...}``."""
+OPENINFERENCE_REQUEST_MODEL_NAME: Final = "llm.request.model_name"
+"""OpenInference model asked for (newer than ``llm.model_name``)."""
+OPENINFERENCE_RESPONSE_MODEL_NAME: Final = "llm.response.model_name"
+"""OpenInference model that answered."""
+OPENINFERENCE_PROVIDER: Final = "llm.provider"
+"""OpenInference hosting provider (``openai``, ``azure``, ...)."""
+OPENINFERENCE_SYSTEM: Final = "llm.system"
+"""OpenInference model vendor (``openai``, ``anthropic``, ...)."""
+OPENINFERENCE_AGENT_NAME: Final = "agent.name"
+"""OpenInference agent name."""
+OPENINFERENCE_SESSION_ID: Final = "session.id"
+"""OpenInference session id (maps to the conversation id)."""
+TRACELOOP_REQUEST_TYPE: Final = "llm.request.type"
+"""Traceloop <= 0.54: ``chat``, ``completion``, ``embedding``, ``rerank``."""
+TRACELOOP_PROMPT_PREFIX: Final = "gen_ai.prompt"
+"""Traceloop <= 0.54 prefix: ``gen_ai.prompt.<i>.{role, content, tool_call_id, tool_calls.<j>...}``."""
+TRACELOOP_COMPLETION_PREFIX: Final = "gen_ai.completion"
+"""Traceloop <= 0.54 prefix: ``gen_ai.completion.<i>.{role, content, finish_reason, tool_calls.<j>...}``."""
+TRACELOOP_SPAN_KIND: Final = "traceloop.span.kind"
+"""Traceloop SDK decorator spans: ``workflow``, ``task``, ``agent``, ``tool``."""
+TRACELOOP_ENTITY_NAME: Final = "traceloop.entity.name"
+"""Traceloop SDK entity name (the agent's name when ``traceloop.span.kind`` is ``agent``)."""
+GEN_AI_REQUEST_ID: Final = "gen_ai.request.id"
+"""vLLM ``llm_request`` server spans: the request id (``chatcmpl-...``)."""
+VLLM_SERVER_SPAN_NAME: Final = "llm_request"
+"""Name of the SERVER span vLLM emits per request (no model, no content)."""
+VLLM_LATENCY_PREFIX: Final = "gen_ai.latency."
+"""vLLM latency attributes: ``gen_ai.latency.{e2e, time_to_first_token, time_in_queue, ...}`` (seconds)."""
+EVENT_NAME: Final = "event.name"
+"""Log-record attribute naming an event (older SDKs; newer ones use the LogRecord ``event_name`` field)."""
+GEN_AI_OPERATION_DETAILS_EVENT: Final = "gen_ai.client.inference.operation.details"
+"""Log event of the contrib instrumentations carrying ``gen_ai.input.messages`` / ``gen_ai.output.messages``."""
+
+# ---------------------------------------------------------------- delayed rewards (tracetrain reward, FeedbackService)
+
+REWARD_NAME: Final = "tracetrain.reward.name"
+"""string: which reward this is (``user_feedback``, ``tests_passed``...)."""
+REWARD_ID: Final = "tracetrain.reward.id"
+"""string: idempotency key of a delayed reward; the same id twice counts once."""
+REWARD_DELAYED: Final = "tracetrain.reward.delayed"
+"""bool: true on reward spans written by the collector's feedback service."""
+FEEDBACK_SCOPE_NAME: Final = "tracetrain.feedback"
+"""Instrumentation scope of the reward spans the feedback service writes."""
+FEEDBACK_SERVICE_NAME: Final = "tracetrain-feedback"
+"""``service.name`` of the reward spans the feedback service writes."""
+
+# ---------------------------------------------------------------- log-record table (OTLP logs)
+
+TABLE_LOGS: Final = "logs"
+COL_TIME_NS: Final = "time_unix_nano"
+COL_OBSERVED_NS: Final = "observed_time_unix_nano"
+COL_SEVERITY_NUMBER: Final = "severity_number"
+COL_SEVERITY_TEXT: Final = "severity_text"
+COL_EVENT_NAME: Final = "event_name"
+COL_BODY: Final = "body"
+COL_RECORD_ID: Final = "record_id"
+COL_MESSAGE: Final = "message"
+COL_MESSAGE_DIRECTION: Final = "message_direction"
+COL_MESSAGE_INDEX: Final = "message_index"
+COL_RECORD_SEQ: Final = "seq"
+
+# ---------------------------------------------------------------- in-process capture (instrumentation/openai_capture.py)
+# Written by tracetrain's OpenAI-client instrumentor onto the LLM span; see docs/capture.md.
+
+TOKEN_IDS_UNAVAILABLE_REASON: Final = "tracetrain.token_ids.unavailable_reason"
+"""string, set only when an LLM span carries no token ids, saying why: ``rejected_by_endpoint``
+(the endpoint refused ``return_token_ids``/``logprobs``), ``not_in_response`` (asked, not returned),
+``capture_disabled`` (TRACETRAIN_CAPTURE_TOKEN_IDS=false), ``hosted_api`` (a known non-vLLM API),
+``raw_response`` (``with_raw_response`` calls are not augmented), ``capture_error`` (tracetrain's
+own wrapper failed; the call itself went through)."""
+OUTPUT_CHOICE_COUNT: Final = "tracetrain.output.choice_count"
+"""int: number of choices in the response when it is more than one (``n>1``). Choice 0 is in
+OUTPUT_TOKEN_IDS / OUTPUT_LOGPROBS; the others in the per-choice keys below."""
+OUTPUT_CHOICE_TOKEN_IDS_TEMPLATE: Final = "tracetrain.output.choice.{index}.token_ids"
+"""int[]: response token ids of choice ``index`` >= 1 (``.format(index=i)``); choice 0 uses OUTPUT_TOKEN_IDS."""
+OUTPUT_CHOICE_LOGPROBS_TEMPLATE: Final = "tracetrain.output.choice.{index}.logprobs"
+"""double[]: logprobs of choice ``index`` >= 1; choice 0 uses OUTPUT_LOGPROBS."""
+POLICY_VERSION_HEADER: Final = "x-tracetrain-policy-version"
+"""HTTP response header (integer) by which a serving endpoint or proxy tells which policy version
+answered; the instrumentor copies it into POLICY_VERSION."""
+GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
+"""int: max tokens asked for (OTel GenAI)."""
+GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
+"""double: sampling temperature asked for (OTel GenAI)."""
+GEN_AI_REQUEST_CHOICE_COUNT: Final = "gen_ai.request.choice.count"
+"""int: ``n``, the number of choices asked for (OTel GenAI)."""
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
+"""string[]: finish reason of each choice (OTel GenAI)."""
+SERVER_ADDRESS: Final = "server.address"
+"""Host of the endpoint called (OTel)."""
+SERVER_PORT: Final = "server.port"
+"""Port of the endpoint called (OTel)."""

@@ -72,8 +72,10 @@ def test_recorded_styles_give_the_same_columns(name):
     calls = sorted((r for r in rows if r[sc.COL_OPERATION] == "chat"), key=lambda r: r[sc.COL_INPUT_TOKENS])
     assert [(c[sc.COL_INPUT_TOKENS], c[sc.COL_OUTPUT_TOKENS]) for c in calls] == [(117, 82), (227, 18)]
     assert all(c[sc.COL_PROVIDER] == "openai" and c[sc.COL_REQUEST_MODEL] == "tiny" for c in calls)
-    # resource attributes (OTEL_RESOURCE_ATTRIBUTES) fill episode and task
-    assert {(r[sc.COL_EPISODE_ID], r[sc.COL_TASK_ID]) for r in rows} == {(f"ep-{fixture['style']}", "task-6x7")}
+    # resource attributes (OTEL_RESOURCE_ATTRIBUTES) stay in the resource: the views rank them
+    # below ids set on the trace's spans (tests/integration/test_capture_examples.py)
+    assert all(json.loads(r[sc.COL_RESOURCE_ATTRIBUTES])["tracetrain.episode.id"] == f"ep-{fixture['style']}"
+               for r in rows)
     first, second = calls
     assert _canonical(first[sc.COL_INPUT_MESSAGES]) == [SYSTEM, USER]
     assert _canonical(first[sc.COL_OUTPUT_MESSAGES]) == [{"role": "assistant", "parts": [CALL]}]
@@ -168,12 +170,29 @@ def test_explicit_genai_keys_win_over_normalized_ones():
     assert json.loads(row[sc.COL_ATTRIBUTES])["gen_ai.prompt.0.content"] == "indexed"  # not used: kept
 
 
-def test_resource_attributes_fill_only_what_the_span_lacks():
+def test_resource_ids_rank_below_the_trace_and_fill_the_rest(tmp_path):
+    """Resource ids (OTEL_RESOURCE_ATTRIBUTES) never override ids set on the trace's own spans."""
+    from tracetrain.collector.reader import query
+    from tracetrain.collector.segment_io import write_parquet
+    from tracetrain.collector.store_layout import ensure_store, partition_dir
+    from tracetrain.collector.reader import ensure_schema_anchor
+    import pyarrow as pa
+
     resource = {sc.SERVICE_NAME: "svc", sc.TASK_ID: "task-r", sc.EPISODE_ID: 7, sc.ROLLOUT_ID: "r-1",
                 sc.GEN_AI_AGENT_NAME: "res-agent"}
     (row,) = _rows(_span({sc.TASK_ID: "task-span"}, resource=resource))
     assert (row[sc.COL_TASK_ID], row[sc.COL_EPISODE_ID], row[sc.COL_ROLLOUT_ID], row[sc.COL_AGENT_NAME]) == (
-        "task-span", "7", "r-1", "res-agent")
+        "task-span", None, None, None)
+    ensure_store(tmp_path)
+    ensure_schema_anchor(tmp_path)
+    directory = partition_dir(tmp_path, "2026-01-01", "svc")
+    directory.mkdir(parents=True)
+    from tracetrain.collector.schema import SPAN_SCHEMA
+    write_parquet(pa.Table.from_pylist([row], SPAN_SCHEMA), directory / "part-w0-000000000001.parquet")
+    (found,) = query(tmp_path, "SELECT task_id, episode_id, rollout_id, agent_name FROM llm_calls "
+                               "UNION ALL SELECT task_id, episode_id, rollout_id, agent_name FROM episodes "
+                               "LIMIT 1").to_pylist() or [None]
+    assert found == {"task_id": "task-span", "episode_id": "7", "rollout_id": "r-1", "agent_name": "res-agent"}
 
 
 def test_message_columns_always_hold_json():

@@ -1,0 +1,60 @@
+"""`tracetrain model init` and `tracetrain serve` (entry points in the ``tracetrain.cli`` group)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.group("model")
+def model_group() -> None:
+    """Make the small local models the trainer and vLLM use (offline)."""
+
+
+@model_group.command("init")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (HF format).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed -> identical files.")
+def model_init_command(out: str, size: str, seed: int) -> None:
+    """A random-init Qwen2 (head_dim 64, untied lm_head, fp32) and a byte-level BPE tokenizer."""
+    try:
+        from .model_init import folder_digest, init_model
+        path = init_model(out, size=size, seed=seed)
+    except ImportError as exc:
+        raise click.ClickException(f"model init needs torch and transformers ({exc}): "
+                                   "pip install torch==2.13.0 'tracetrain[trainer]'") from None
+    meta = json.loads((path / "tracetrain_model.json").read_text())
+    click.echo(f"wrote {path} ({size}, seed {seed}, {meta['params']:,} params, sha256 {folder_digest(path)[:16]})")
+
+
+@click.command("serve")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
+              show_default=True, help="float32 makes served logprobs equal the trainer's (~1e-5).")
+@click.option("--max-model-len", type=int, default=1024, show_default=True)
+@click.option("--max-loras", type=int, default=2, show_default=True)
+@click.option("--max-lora-rank", type=int, default=16, show_default=True)
+@click.option("--state-file", default=None, help="Policy-version state file (default: a fresh temp file).")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for startup.")
+def serve_command(model_dir: str, port: int, dtype: str, max_model_len: int, max_loras: int,
+                  max_lora_rank: int, state_file: str | None, timeout: float) -> None:
+    """Run vLLM's OpenAI server on 127.0.0.1 with LoRA pushes, weight reload and policy versions."""
+    from .serving import ServeEnvMissing, ServerStartError, main_loop, start_server
+    try:
+        handle = start_server(model_dir, port, dtype=dtype, max_model_len=max_model_len, max_loras=max_loras,
+                              max_lora_rank=max_lora_rank, state_file=state_file, timeout=timeout)
+    except ServeEnvMissing as exc:
+        raise click.ClickException(str(exc)) from None
+    except ServerStartError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"vLLM ready in {handle.started_s:.1f}s: {handle.openai_base} "
+               f"(model '{handle.served_name}'; LoRA pushes appear as 'policy')")
+    click.echo(f"policy state file: {handle.state_file}   log: {handle.log_path}")
+    click.echo("Ctrl-C to stop.")
+    sys.stdout.flush()
+    rc = main_loop(handle)
+    click.echo("vLLM stopped.")
+    sys.exit(rc)
