@@ -47,30 +47,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
-RESULTS_DIR = BENCH / "results"
-WORK_DIR = BENCH / "work" / "ingest"
-PROBE = BENCH / "store_probe.py"
-ALL_RUNS = ("steady", "ref", "overload", "kill9", "lag")
-PACKAGES = ("grpcio", "protobuf", "pyarrow", "duckdb", "opentelemetry-proto", "opentelemetry-sdk",
-            "opentelemetry-exporter-otlp-proto-grpc", "prometheus-client", "tracetrain")
-
-HIST_KEYS = ("count", "mean_s", "p50_le_s", "p95_le_s", "p99_le_s")
-
-# The targets of shared/notes/peer-ingest.md section 7 (also in bench/README.md).
-TARGET_US_PER_SPAN = 50.0
-TARGET_P99_MS = 500.0
-TARGET_OVERLOAD_RSS_MB = 500.0
-
-# Proxies would send the harness's gRPC channel and our urllib calls off loopback;
-# TRACETRAIN_COLLECTOR_* would silently change the configuration under test.
-_STRIP_ENV_PREFIXES = ("TRACETRAIN_COLLECTOR_",)
-_STRIP_ENV = {"http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"}
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 from bench_support import (  # noqa: E402 - bench/ is on sys.path when run as a script
+    REPO,
+    RESULTS_DIR,
+    WORK_DIR,
+    PROBE,
+    ALL_RUNS,
+    PACKAGES,
+    HIST_KEYS,
+    TARGET_US_PER_SPAN,
+    TARGET_P99_MS,
+    TARGET_OVERLOAD_RSS_MB,
+    _STRIP_ENV_PREFIXES,
     log,
     shared_bench_dir,
     free_port,
