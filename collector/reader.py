@@ -58,6 +58,35 @@ def ensure_schema_anchor(data_dir: Path) -> Path:
     return paths[0]
 
 
+def ensure_training_anchors(data_dir: Path) -> list[str]:
+    """Write empty typed files for the training tables if missing; returns the view statements.
+
+    The trainer writes ``DATA/training/<table>/run=<id>/*.parquet``; the anchor (``run=_schema``)
+    keeps the views queryable (and typed) before any training ran.
+    """
+    statements = []
+    for table, columns in ((sc.TABLE_TRAIN_STEPS, sc.TRAIN_STEP_COLUMNS),
+                           (sc.TABLE_CHECKPOINTS, sc.CHECKPOINT_COLUMNS)):
+        directory = data_dir / sc.TRAINING_DIR / table / "run=_schema"
+        path = directory / f"schema-v{sc.SCHEMA_VERSION}.parquet"
+        select = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in columns)
+        if not path.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / f".schema-v{sc.SCHEMA_VERSION}.parquet.{os.getpid()}.tmp"
+            con = duckdb.connect(":memory:")
+            try:
+                con.execute(f"COPY (SELECT {select} WHERE false) TO {_sql_string(str(tmp))} (FORMAT parquet)")
+            finally:
+                con.close()
+            tmp.replace(path)
+        glob = str(data_dir / sc.TRAINING_DIR / table / "*" / "*.parquet")
+        names = ", ".join(name for name, _ in columns)
+        statements.append(
+            f"CREATE OR REPLACE VIEW {table} AS SELECT {names} FROM read_parquet({_sql_string(glob)}, "
+            f"hive_partitioning = false, union_by_name = true)")
+    return statements
+
+
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -268,7 +297,7 @@ def connect(data_dir: str | Path, connection: duckdb.DuckDBPyConnection | None =
                                 f"start `tracetrain collector --data {data_dir}` first")
     ensure_schema_anchor(data_dir)
     con = connection or duckdb.connect(":memory:")
-    for statement in view_statements(data_dir):
+    for statement in [*view_statements(data_dir), *ensure_training_anchors(data_dir)]:
         con.execute(statement)
     return con
 

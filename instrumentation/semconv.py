@@ -249,3 +249,52 @@ SERVER_ADDRESS: Final = "server.address"
 """Host of the endpoint called (OTel)."""
 SERVER_PORT: Final = "server.port"
 """Port of the endpoint called (OTel)."""
+
+# ---------------------------------------------------------------- training tables (written by the trainer)
+# The trainer writes these under DATA/training/ as immutable Parquet files (one per step or
+# checkpoint, atomic rename); the collector's reader exposes them as views so the dashboard,
+# ``tracetrain sql`` and ``tracetrain plot`` read them like the span tables. Columns are
+# (name, DuckDB type) pairs so this module stays stdlib-only.
+
+TRAINING_DIR: Final = "training"
+"""DATA/training/: everything the trainer writes into the store."""
+TABLE_TRAIN_STEPS: Final = "train_steps"
+"""One row per optimizer step (or APO round): DATA/training/train_steps/run=<run_id>/step-<NNNNNNNNNN>.parquet."""
+TABLE_CHECKPOINTS: Final = "checkpoints"
+"""One row per saved checkpoint with its lineage: DATA/training/checkpoints/run=<run_id>/ckpt-<NNNNNNNNNN>.parquet."""
+
+TRAIN_STEP_COLUMNS: Final = (
+    ("run_id", "VARCHAR"),            # one `tracetrain train` run (survives restarts)
+    ("step", "BIGINT"),               # optimizer step, 1-based, monotonic within a run
+    ("time_unix_nano", "BIGINT"),     # when the step finished
+    ("algo", "VARCHAR"),              # grpo | ppo | sft | apo
+    ("agent_name", "VARCHAR"),        # the policy trained (NULL: all agents, one policy)
+    ("policy_version", "BIGINT"),     # version serving after this step's push (NULL: not pushed)
+    ("n_episodes", "BIGINT"),         # episodes used in the step
+    ("n_transitions", "BIGINT"),      # LLM calls (or merged sequences) used
+    ("n_tokens", "BIGINT"),           # response tokens trained on
+    ("reward_mean", "DOUBLE"),        # mean episode reward of the batch
+    ("success_rate", "DOUBLE"),       # share of batch episodes with reward >= success threshold
+    ("loss", "DOUBLE"),
+    ("kl", "DOUBLE"),                 # mean KL to the reference (NULL when not computed)
+    ("clip_fraction", "DOUBLE"),      # share of response tokens whose ratio was clipped
+    ("staleness_mean", "DOUBLE"),     # mean (current version - behaviour version) over transitions
+    ("tokens_per_s", "DOUBLE"),       # response tokens trained per second of update
+    ("step_s", "DOUBLE"),             # wall seconds of the whole step
+    ("push_s", "DOUBLE"),             # wall seconds of the weight push (NULL: not pushed)
+    ("eval_success", "DOUBLE"),       # held-out success when an eval ran at this step
+    ("skipped", "VARCHAR"),           # JSON {reason: count} of calls/episodes left out of the batch
+)
+"""Columns of ``train_steps`` in order."""
+
+CHECKPOINT_COLUMNS: Final = (
+    ("run_id", "VARCHAR"),
+    ("step", "BIGINT"),
+    ("time_unix_nano", "BIGINT"),
+    ("agent_name", "VARCHAR"),
+    ("policy_version", "BIGINT"),     # version pushed from this checkpoint (NULL: not pushed)
+    ("path", "VARCHAR"),              # checkpoint folder
+    ("episode_ids", "VARCHAR[]"),     # episodes trained on since the previous checkpoint
+    ("trained_policy_versions", "BIGINT[]"),  # behaviour policy versions of those episodes
+)
+"""Columns of ``checkpoints`` in order."""
