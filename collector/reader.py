@@ -58,7 +58,7 @@ def ensure_schema_anchor(data_dir: Path) -> Path:
     return paths[0]
 
 
-def ensure_training_anchors(data_dir: Path) -> list[str]:
+def ensure_training_anchors(data_dir: Path, view_root: Path | None = None) -> list[str]:
     """Write empty typed files for the training tables if missing; returns the view statements.
 
     The trainer writes ``DATA/training/<table>/run=<id>/*.parquet``; the anchor (``run=_schema``)
@@ -79,7 +79,7 @@ def ensure_training_anchors(data_dir: Path) -> list[str]:
             finally:
                 con.close()
             tmp.replace(path)
-        glob = str(data_dir / sc.TRAINING_DIR / table / "*" / "*.parquet")
+        glob = str((view_root or data_dir) / sc.TRAINING_DIR / table / "*" / "*.parquet")
         names = ", ".join(name for name, _ in columns)
         statements.append(
             f"CREATE OR REPLACE VIEW {table} AS SELECT {names} FROM read_parquet({_sql_string(glob)}, "
@@ -281,6 +281,25 @@ def _episodes_view() -> str:
         FROM spans s LEFT JOIN rewards r USING (_episode)"""
 
 
+def write_views_file(data_dir: Path) -> Path:
+    """Publish the view SQL as ``DATA/views.sql`` (paths under a placeholder) if it changed.
+
+    Readers that must not import the collector (the trainer, plain DuckDB users) run it after
+    replacing ``semconv.VIEWS_DATA_PLACEHOLDER`` with the store's path.
+    """
+    data_dir = Path(data_dir)
+    ensure_schema_anchor(data_dir)
+    placeholder = Path(sc.VIEWS_DATA_PLACEHOLDER)
+    statements = [*view_statements(placeholder), *ensure_training_anchors(data_dir, view_root=placeholder)]
+    text = "".join(statement.strip() + ";\n\n" for statement in statements)
+    path = data_dir / sc.VIEWS_FILE
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_name(f".{sc.VIEWS_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 def connect(data_dir: str | Path, connection: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the store's views defined.
 
@@ -295,7 +314,7 @@ def connect(data_dir: str | Path, connection: duckdb.DuckDBPyConnection | None =
     if not (data_dir / layout.SPANS_DIR).is_dir():
         raise FileNotFoundError(f"{data_dir} is not a tracetrain span store (no {layout.SPANS_DIR}/ folder); "
                                 f"start `tracetrain collector --data {data_dir}` first")
-    ensure_schema_anchor(data_dir)
+    write_views_file(data_dir)
     con = connection or duckdb.connect(":memory:")
     for statement in [*view_statements(data_dir), *ensure_training_anchors(data_dir)]:
         con.execute(statement)

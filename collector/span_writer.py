@@ -37,7 +37,7 @@ from tracetrain.collector import store_layout as layout
 from tracetrain.collector.compactor import finish_interrupted_compactions
 from tracetrain.collector.errors import RetryableError
 from tracetrain.collector.metrics import CollectorMetrics
-from tracetrain.collector.reader import ensure_schema_anchor
+from tracetrain.collector.reader import write_views_file
 from tracetrain.collector.segment_io import fsync_file, write_parquet
 from tracetrain.collector.span_rows import DecodedRequest
 from tracetrain.instrumentation import semconv as sc
@@ -81,7 +81,7 @@ class SpanWriter:
     ) -> None:
         self.data_dir = Path(data_dir)
         layout.ensure_store(self.data_dir)
-        ensure_schema_anchor(self.data_dir)
+        write_views_file(self.data_dir)
         self._lock = layout.WriterLock(self.data_dir, writer_id)
         self.writer_id = self._lock.writer_id
         self.metrics = metrics

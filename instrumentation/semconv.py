@@ -298,3 +298,13 @@ CHECKPOINT_COLUMNS: Final = (
     ("trained_policy_versions", "BIGINT[]"),  # behaviour policy versions of those episodes
 )
 """Columns of ``checkpoints`` in order."""
+
+# ---------------------------------------------------------------- the store's own view definitions
+
+VIEWS_FILE: Final = "views.sql"
+"""DATA/views.sql: the SQL that defines every view (``spans``, ``llm_calls``, ``episodes``,
+``train_steps``...) over the store's files, written by the collector. Paths in it are written
+relative to VIEWS_DATA_PLACEHOLDER, which a reader replaces with the store's path; this is how
+the trainer (or any DuckDB user) gets the same views without importing the collector."""
+VIEWS_DATA_PLACEHOLDER: Final = "__TRACETRAIN_DATA__"
+"""Stands for the store's directory in VIEWS_FILE."""
