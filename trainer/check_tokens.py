@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import duckdb
 
 from tracetrain.instrumentation import semconv as sc
+from tracetrain.trainer import store
 from tracetrain.trainer.tokenizer_chat import (
     TokenizerUnavailable,
     chat_messages,
@@ -91,52 +93,26 @@ class CallCheck:
 # ---------------------------------------------------------------- the store
 
 
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _calls_view(data_dir: Path) -> str:
-    """``llm_calls`` as check-tokens sees it: captured calls, episode/task/agent from the trace."""
-    source = (f"read_parquet({_sql_string(str(data_dir / 'spans' / '*' / '*' / '*.parquet'))}, "
-              f"hive_partitioning = true, union_by_name = true)")
-    return f"""
-        CREATE VIEW {sc.VIEW_LLM_CALLS} AS
-        WITH spans AS (SELECT * FROM {source}
-                       QUALIFY row_number() OVER (PARTITION BY {sc.COL_TRACE_ID}, {sc.COL_SPAN_ID}) = 1),
-             per_trace AS (SELECT {sc.COL_TRACE_ID}, min({sc.COL_EPISODE_ID}) AS e, min({sc.COL_TASK_ID}) AS t,
-                                  min({sc.COL_AGENT_NAME}) AS a FROM spans GROUP BY {sc.COL_TRACE_ID})
-        SELECT s.{sc.COL_TRACE_ID}, s.{sc.COL_SPAN_ID}, s.{sc.COL_NAME}, s.{sc.COL_SERVICE_NAME},
-               s.{sc.COL_START_NS}, s.{sc.COL_OPERATION} AS operation,
-               coalesce(s.{sc.COL_RESPONSE_MODEL}, s.{sc.COL_REQUEST_MODEL}) AS model,
-               s.{sc.COL_REQUEST_MODEL}, s.{sc.COL_RESPONSE_MODEL}, s.{sc.COL_POLICY_VERSION},
-               s.{sc.COL_INPUT_MESSAGES}, s.{sc.COL_OUTPUT_MESSAGES}, s.{sc.COL_SYSTEM_INSTRUCTIONS},
-               s.{sc.COL_PROMPT_TOKEN_IDS}, s.{sc.COL_RESPONSE_TOKEN_IDS}, s.{sc.COL_ATTRIBUTES},
-               coalesce(s.{sc.COL_EPISODE_ID}, p.e, s.{sc.COL_TRACE_ID}) AS {sc.COL_EPISODE_ID},
-               coalesce(s.{sc.COL_TASK_ID}, p.t) AS {sc.COL_TASK_ID},
-               coalesce(s.{sc.COL_AGENT_NAME}, p.a) AS {sc.COL_AGENT_NAME}
-        FROM spans s LEFT JOIN per_trace p USING ({sc.COL_TRACE_ID})
-        WHERE s.{sc.COL_PROMPT_TOKEN_IDS} IS NOT NULL"""
-
-
 def load_calls(data_dir: str | Path, where: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Captured calls (with prompt token ids), oldest first, filtered by a SQL ``where``."""
-    import duckdb
-
     data_dir = Path(data_dir)
     if not (data_dir / "spans").is_dir():
         raise CheckTokensError(f"{data_dir} is not a tracetrain span store (no spans/ folder)")
-    if not any((data_dir / "spans").glob("*/*/*.parquet")):
+    if not any((data_dir / "spans").glob("*/*/part-*.parquet")) and \
+            not any((data_dir / "spans").glob("*/*/compact-*.parquet")):
         return []
-    sql = f"SELECT * FROM {sc.VIEW_LLM_CALLS}"
+    sql = f"SELECT * FROM {sc.VIEW_LLM_CALLS} WHERE {sc.COL_PROMPT_TOKEN_IDS} IS NOT NULL"
     if where:
-        sql += f" WHERE ({where})"
+        sql += f" AND ({where})"
     sql += f" ORDER BY {sc.COL_START_NS}, {sc.COL_SPAN_ID}"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
-    con = duckdb.connect(":memory:")
     try:
-        con.execute(_calls_view(data_dir))
-        return con.sql(sql).to_arrow_table().to_pylist()
+        con = store.connect(data_dir)
+    except store.StoreUnavailable as exc:
+        raise CheckTokensError(str(exc)) from None
+    try:
+        return store.retry_listing(lambda: con.sql(sql).to_arrow_table().to_pylist())
     except duckdb.Error as exc:
         raise CheckTokensError(f"cannot read calls: {exc}") from None
     finally:
