@@ -48,6 +48,7 @@ class CollectorConfig:
     compact_interval_s: float = _f(30.0, "Seconds between compaction rounds.")
     compact_min_files: int = _f(8, "Merge a partition's files once this writer has at least this many small ones.")
     log_level: str = _f("INFO", "Python logging level.")
+    ui: bool = _f(True, "Serve the read-only dashboard at /ui on the HTTP port (guarded by auth_token when set).")
 
     def __post_init__(self) -> None:
         for name in ("max_pending_bytes", "max_request_bytes", "max_value_bytes", "compact_min_files"):

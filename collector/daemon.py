@@ -68,6 +68,7 @@ class Collector:
             retention_days=config.retention_days)
         self.grpc: GrpcReceiver | None = None
         self.http: HttpReceiver | None = None
+        self.dashboard = None  # tracetrain.collector.ui.api.DashboardApi when the UI is on
         self._started = False
         self._stopped = threading.Event()
 
@@ -94,6 +95,8 @@ class Collector:
                 host, port = split_endpoint(cfg.http_endpoint)
                 self.http = HttpReceiver(self.pipeline, host, port, cfg.auth_token,
                                          cfg.tls_cert_file, cfg.tls_key_file, feedback=self.feedback)
+                if cfg.ui:
+                    self._add_dashboard(self.http)
                 self.http.start()
         except BaseException:
             self.stop()
@@ -107,6 +110,14 @@ class Collector:
             " (auth token required)" if cfg.auth_token else "")
         return self
 
+    def _add_dashboard(self, http: HttpReceiver) -> None:
+        from tracetrain.collector.ui.api import DashboardApi  # duckdb queries only when the UI is on
+
+        self.dashboard = DashboardApi(self.config.data_path, self.metrics)
+        http.extra_routes.extend(self.dashboard.routes())
+        http.cookie_auth_prefixes["/ui"] = self.dashboard.unauthorized
+        self.dashboard.start()
+
     def stop(self) -> None:
         if self._stopped.is_set():
             return
@@ -115,6 +126,8 @@ class Collector:
             self.grpc.stop(grace_s=10.0)  # in-flight exports finish and are acknowledged
         if self.http is not None:
             self.http.stop()
+        if self.dashboard is not None:
+            self.dashboard.close()
         self.compactor.close()
         self.feedback.close()
         self.writer.close()

@@ -24,7 +24,9 @@ import logging
 import math
 import ssl
 import threading
+import urllib.parse
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -82,6 +84,9 @@ class HttpReceiver:
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self.extra_routes: list[web.RouteDef] = []
+        # Path prefix -> its 401 reply. Under these prefixes (browser pages: the dashboard) the token
+        # may also come as the ``tracetrain_token`` cookie, since a browser cannot add the header.
+        self.cookie_auth_prefixes: dict[str, Callable[[web.Request], web.Response]] = {}
 
     def _app(self) -> web.Application:
         # aiohttp's own limit applies to the body as sent; gzip is bounded in gunzip_limited.
@@ -144,6 +149,14 @@ class HttpReceiver:
         if self.auth_token is not None and request.path != "/healthz":
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.auth_token):
+                prefix = next((p for p in self.cookie_auth_prefixes
+                               if request.path == p or request.path.startswith(p + "/")), None)
+                if prefix is not None:
+                    cookie = urllib.parse.unquote(request.cookies.get("tracetrain_token", ""))
+                    if hmac.compare_digest(cookie.encode(), self.auth_token.encode()):
+                        return await handler(request)
+                    self.pipeline.count_unauthenticated("http")
+                    return self.cookie_auth_prefixes[prefix](request)
                 self.pipeline.count_unauthenticated("http")
                 return self._status_response(401, code_pb2.UNAUTHENTICATED, "missing or wrong bearer token",
                                              JSON if "json" in request.content_type else PROTOBUF)
