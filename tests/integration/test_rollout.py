@@ -1,0 +1,173 @@
+"""`tracetrain rollout` end to end: a real collector, the fake vLLM server, agents in all three shapes.
+
+Asserted on the store: each episode with its task / rollout ids, LLM calls, grader or own
+reward; crashed, raising and hung runs are error episodes and the others still succeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.integration.test_capture_examples import load_fake_server_module
+from tracetrain.collector.reader import query
+from tracetrain.instrumentation import semconv as sc
+from tracetrain.instrumentation.cli import child_environment
+from tracetrain.trainer.cli_rollout import rollout_command
+from tracetrain.trainer.rollout_agents import capture_environment, parse_result_line
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+AGENT = ROOT / "tests" / "integration" / "agents" / "rollout_test_agent.py"
+GRADER = f"{ROOT / 'examples' / 'rollout_agent.py'}:grade"
+CALC = [{"id": f"calc-{a}-{b}", "prompt": f"What is {a}*{b}?", "answer": str(a * b)} for a, b in
+        ((2, 3), (4, 5), (6, 7), (8, 9))]
+
+
+@pytest.fixture
+def fake_server():
+    server = load_fake_server_module().FakeVllmServer(port=0).start()
+    yield server
+    server.stop()
+
+
+def rollout(tmp_path: Path, collector, server, tasks: list[dict], *flags: str) -> tuple[dict, list[dict]]:
+    """Run the CLI in a fresh process (capture configures OpenTelemetry globally); (summary, --out rows)."""
+    tasks_file, out_file = tmp_path / "tasks.jsonl", tmp_path / "out.jsonl"
+    tasks_file.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRACETRAIN_"))}
+    env.update(OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="EMPTY", OTEL_EXPORTER_OTLP_TIMEOUT="10")
+    command = [str(BIN / "tracetrain"), "rollout", "--tasks", str(tasks_file), "--collector",
+               f"http://127.0.0.1:{collector.grpc_port}", "--out", str(out_file), "--quiet", *flags]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode in (0, 1), out.stderr
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    return json.loads(out.stdout.strip().splitlines()[-1]), rows
+
+
+def episodes(data_dir: Path, run_id: str) -> dict[str, dict]:
+    table = query(data_dir, "SELECT * FROM episodes WHERE episode_id LIKE $1", [run_id + "-%"])
+    return {row["episode_id"]: row for row in table.to_pylist()}
+
+
+def assert_calc_episodes(data_dir: Path, run_id: str, group_size: int, n_llm_calls: int = 2) -> dict[str, dict]:
+    stored = episodes(data_dir, run_id)
+    for task in CALC:
+        for k in range(group_size):
+            row = stored[f"{run_id}-{task['id']}-{k}"]
+            assert (row["task_id"], row["rollout_id"], row["reward"], row["has_error"]) == (task["id"], str(k), 1.0,
+                                                                                          False)
+            assert row["n_llm_calls"] == n_llm_calls
+    return stored
+
+
+def test_callable_agent_episodes_rewards_and_failures(tmp_path, collector, data_dir, fake_server):
+    tasks = [*CALC, {"id": "bug", "behave": "raise"}, {"id": "stuck", "behave": "hang"},
+             {"id": "own", "behave": "selfreward", "prompt": "What is 1+1?", "answer": "2"}]
+    summary, rows = rollout(tmp_path, collector, fake_server, tasks, "--agent", f"{AGENT}:solve", "--grader", GRADER,
+                            "-G", "2", "-C", "8", "--timeout-s", "3", "--run-id", "cal", "--agent-name", "calc")
+    assert (summary["episodes"], summary["ok"], summary["failed"], summary["timed_out"]) == (14, 10, 2, 2)
+    assert summary["rewarded"] == 10 and summary["mean_reward"] == pytest.approx((8 * 1.0 + 2 * 0.5) / 10)
+    by_id = {r["episode_id"]: r for r in rows}
+    assert by_id["cal-bug-0"]["error"] == "RuntimeError: agent bug" and by_id["cal-stuck-1"]["status"] == "timeout"
+    assert by_id["cal-own-0"]["reward_source"] == "self" and by_id["cal-calc-2-3-0"]["answer"] == "The answer is 6."
+    stored = assert_calc_episodes(data_dir, "cal", 2)
+    for k in "01":
+        assert stored[f"cal-bug-{k}"]["has_error"] and stored[f"cal-stuck-{k}"]["has_error"]
+        assert stored[f"cal-bug-{k}"]["reward"] is None
+        own = stored[f"cal-own-{k}"]
+        assert (own["reward"], own["n_rewards"], own["has_error"]) == (0.5, 1, False)  # not graded on top
+    calls = query(data_dir, "SELECT episode_id, agent_name, response_token_ids FROM llm_calls "
+                            "WHERE episode_id = 'cal-calc-2-3-1'").to_pylist()
+    assert len(calls) == 2 and all(c["response_token_ids"] and c["agent_name"] == "calc" for c in calls)
+
+
+@pytest.mark.parametrize("function", ["solve", "solve_async"])
+def test_callable_calls_really_run_concurrently(tmp_path, collector, data_dir, fake_server, function):
+    tasks = [{"id": f"s{i}", "behave": "slow"} for i in range(6)] + [CALC[0]]
+    summary, rows = rollout(tmp_path, collector, fake_server, tasks, "--agent", f"{AGENT}:{function}", "-C", "6",
+                            "--run-id", function, "--grader", GRADER)
+    assert summary["ok"] == 7
+    peaks = [int(r["answer"].split()[1]) for r in rows if r["task_id"].startswith("s")]
+    assert max(peaks) == 6  # six calls were inside the agent at the same moment
+    stored = episodes(data_dir, function)
+    assert stored[f"{function}-calc-2-3-0"]["reward"] == 1.0 and stored[f"{function}-calc-2-3-0"]["n_llm_calls"] == 2
+
+
+def test_agent_server_protocol(tmp_path, collector, data_dir, fake_server):
+    tasks = [*CALC, {"id": "bug", "behave": "raise"}, {"id": "stuck", "behave": "hang"}]
+    summary, rows = rollout(tmp_path, collector, fake_server, tasks, "--agent-server",
+                            f"{sys.executable} {AGENT} --server", "--server-processes", "2", "--grader", GRADER,
+                            "-G", "2", "-C", "8", "--timeout-s", "4", "--run-id", "srv")
+    assert (summary["ok"], summary["failed"], summary["timed_out"], summary["mean_reward"]) == (8, 2, 2, 1.0)
+    assert {r["error"] for r in rows if r["status"] == "failed"} == {"RuntimeError: agent bug"}
+    stored = assert_calc_episodes(data_dir, "srv", 2)
+    assert stored["srv-bug-0"]["has_error"] and stored["srv-stuck-1"]["has_error"]
+
+
+@pytest.mark.slow
+def test_command_agent_per_episode(tmp_path, collector, data_dir, fake_server):
+    tasks = [*CALC[:2], {"id": "boom", "behave": "crash"}, {"id": "stuck", "behave": "hang"}]
+    summary, rows = rollout(tmp_path, collector, fake_server, tasks, "--agent", f"{sys.executable} {AGENT}",
+                            "--grader", GRADER, "-C", "4", "--timeout-s", "20", "--run-id", "cmd",
+                            "--failure-reward", "0")
+    assert (summary["ok"], summary["failed"], summary["timed_out"]) == (2, 1, 1)
+    by_task = {r["task_id"]: r for r in rows}
+    assert by_task["boom"]["error"].startswith("exit code 3") and by_task["boom"]["reward"] == 0.0
+    assert by_task["calc-2-3"]["answer"] == "The answer is 6."
+    stored = episodes(data_dir, "cmd")
+    for task in CALC[:2]:
+        row = stored[f"cmd-{task['id']}-0"]
+        assert (row["task_id"], row["rollout_id"], row["reward"], row["n_llm_calls"], row["has_error"]) == (
+            task["id"], "0", 1.0, 2, False)
+    assert stored["cmd-boom-0"]["has_error"] and stored["cmd-boom-0"]["reward"] == 0.0
+
+
+def test_command_grader_and_placeholders(tmp_path, collector, data_dir, fake_server):
+    """A shell command agent (no Python start-up): the task in a placeholder, a command grader."""
+    grader = (f"{sys.executable} -c \"import json,os; t=json.loads(os.environ['TRACETRAIN_TASK']); "
+              f"a=json.loads(os.environ['TRACETRAIN_ANSWER']); print(1.0 if a == t['prompt'].upper() else 0.25)\"")
+    tasks = [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "bye"}]
+    summary, rows = rollout(tmp_path, collector, fake_server, tasks, "--agent",
+                            "sh -c 'echo noise; echo {prompt} | tr a-z A-Z'", "--grader", grader, "-G", "2",
+                            "--run-id", "sh")
+    assert summary["ok"] == 4 and {r["reward"] for r in rows} == {1.0}
+    stored = episodes(data_dir, "sh")
+    assert {(r["task_id"], r["rollout_id"], r["reward"]) for r in stored.values()} == {
+        ("a", "0", 1.0), ("a", "1", 1.0), ("b", "0", 1.0), ("b", "1", 1.0)}
+
+
+def test_capture_environment_is_what_tracetrain_run_builds():
+    base = {"PATH": "/bin", "PYTHONPATH": "/x", "OTEL_RESOURCE_ATTRIBUTES": "deployment=dev"}
+    ids = {sc.EPISODE_ID: "e 1", sc.TASK_ID: "t/2", sc.ROLLOUT_ID: "0"}
+    assert capture_environment(base, "http://c:4317", "grpc", "svc", ids) == \
+        child_environment(base, "http://c:4317", "grpc", "svc", ids)
+
+
+def test_result_line_parsing():
+    assert parse_result_line("log\nThe answer is 6.\n\n") == ("The answer is 6.", None)
+    assert parse_result_line('x\n{"answer": 6, "reward": 1}\n') == (6, 1.0)
+    assert parse_result_line('{"answer": "a", "reward": "high"}') == ("a", None)
+    assert parse_result_line("") == ("", None)
+
+
+@pytest.mark.parametrize("tasks, flags, message", [
+    ('{"prompt": "x"}\n', ["--agent", "true"], "no \"id\""),
+    ('{"id": 1}\n{"id": 1}\n', ["--agent", "true"], "appears twice"),
+    ('{"id": 1}\nnot json\n', ["--agent", "true"], ":2: not JSON"),
+    ('{"id": 1}\n', [], "exactly one of --agent"),
+    ('{"id": 1}\n', ["--agent", "no-such-agent-binary --x"], "agent command not found"),
+    ('{"id": 1}\n', ["--agent", "no_such_module_xyz:solve"], "cannot load"),
+    ('{"id": 1}\n', ["--agent", "true", "--grader", "no_such_module_xyz:grade"], "cannot load"),
+])
+def test_bad_input_is_a_usage_error(tmp_path, tasks, flags, message):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(tasks)
+    result = CliRunner().invoke(rollout_command, ["--tasks", str(path), "--quiet", *flags])
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -1,0 +1,90 @@
+"""`tracetrain rollout` (entry point in the ``tracetrain.cli`` group): a thin skin over ``rollout.run_rollouts``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.command("rollout")
+@click.option("--tasks", "tasks_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON-lines file, one task object per line with an \"id\"; the whole object goes to the agent.")
+@click.option("--agent", default=None, metavar="CMD|MODULE:FUNCTION",
+              help="A command run once per episode (task in $TRACETRAIN_TASK, on stdin, and in {task} / {prompt} "
+                   "placeholders; last stdout line = answer), or a Python function module:function "
+                   "(or path/file.py:function) called in-process, f(task) -> answer.")
+@click.option("--agent-server", default=None, metavar="CMD",
+              help="A long-lived agent process fed JSON-lines tasks on stdin (docs/rollout.md protocol).")
+@click.option("--server-processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Copies of --agent-server to run.")
+@click.option("--group-size", "-G", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per task (rollout ids 0..G-1).")
+@click.option("--concurrency", "-C", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Episodes in flight at once.")
+@click.option("--grader", default=None, metavar="CMD|MODULE:FUNCTION",
+              help="Reward for episodes whose agent gives none: f(task, answer) -> float, or a command "
+                   "(task in $TRACETRAIN_TASK, answer in $TRACETRAIN_ANSWER; prints a number).")
+@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Per-episode limit; a run past it is killed (commands) and recorded as timed out.")
+@click.option("--failure-reward", type=float, default=None,
+              help="Reward recorded for failed and timed-out episodes [default: none, they are only marked as "
+                   "errors and the trainer leaves them out].")
+@click.option("--collector", metavar="URL", default=None,
+              help="OTLP endpoint for the episodes' spans [default: $OTEL_EXPORTER_OTLP_ENDPOINT, else "
+                   "http://127.0.0.1:4317].")
+@click.option("--protocol", type=click.Choice(["grpc", "http/protobuf"]), default="grpc", show_default=True)
+@click.option("--run-id", default=None, help="Prefix of the episode ids <run-id>-<task-id>-<k> [default: random].")
+@click.option("--agent-name", default=None, help="gen_ai.agent.name of the episodes.")
+@click.option("--service-name", default=None, help="OTEL_SERVICE_NAME of the agent (and the runner's spans).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Write one JSON line per episode here (ids, status, answer, reward, error, duration).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def rollout_command(tasks_path, agent, agent_server, server_processes, group_size, concurrency, grader, timeout_s,
+                    failure_reward, collector, protocol, run_id, agent_name, service_name, out_path, quiet):
+    """Run an unchanged agent on every task G times, each run captured as an episode, and grade it.
+
+    \b
+    tracetrain rollout --tasks tasks.jsonl --agent "python agent.py {prompt}" --grader grade.py:score -G 4 -C 16
+    tracetrain rollout --tasks tasks.jsonl --agent my_agent:solve --group-size 8 --concurrency 64
+    tracetrain rollout --tasks tasks.jsonl --agent-server "node agent.js --serve" --server-processes 2
+    A crashed, failing or hung run is recorded as a failed episode and the others go on.
+    Prints a JSON summary: episodes ok / failed / timed out, mean reward, episodes/s.
+    """
+    from .rollout import RolloutError, load_tasks, run_rollouts
+    from .rollout_server import ServerAgent
+
+    if (agent is None) == (agent_server is None):
+        raise click.UsageError("give exactly one of --agent and --agent-server")
+    try:
+        tasks = load_tasks(tasks_path)
+        target = ServerAgent(agent_server, server_processes, service_name) if agent_server else agent
+    except (RolloutError, ValueError) as error:
+        raise click.UsageError(str(error)) from None
+    out = open(out_path, "w") if out_path else None  # noqa: SIM115 - closed below
+    total = len(tasks) * group_size
+    bar = click.progressbar(length=total, label="episodes", file=sys.stderr) if not quiet else None
+
+    def on_result(result) -> None:
+        if out:
+            out.write(json.dumps(result.to_json(), default=str) + "\n")
+        if bar:
+            bar.update(1)
+
+    try:
+        if bar:
+            bar.__enter__()
+        summary = run_rollouts(tasks, target, group_size=group_size, concurrency=concurrency, collector=collector,
+                               protocol=protocol, grader=grader, timeout_s=timeout_s, failure_reward=failure_reward,
+                               run_id=run_id, agent_name=agent_name, service_name=service_name, on_result=on_result)
+    except RolloutError as error:
+        raise click.UsageError(str(error)) from None
+    finally:
+        if bar:
+            bar.__exit__(None, None, None)
+        if out:
+            out.close()
+    click.echo(json.dumps(summary.to_json()))
+    if summary.n_ok == 0:
+        sys.exit(1)
