@@ -55,6 +55,7 @@ from tracetrain.collector.proxy_capture import (
     augment_request,
 )
 from tracetrain.collector.proxy_export import FastArrayOTLPSpanExporter
+from tracetrain.collector.proxy_prompt import SystemPromptFile
 from tracetrain.instrumentation import semconv as sc
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class ProxyConfig:
     upstream_connect_timeout_s: float = 10.0
     max_request_bytes: int = 64 << 20
     span_schedule_delay_millis: float = 500.0
+    system_prompt_file: str | None = None  # replace/insert the system message of chat requests
 
 
 def upstream_base(url: str) -> str:
@@ -162,6 +164,7 @@ class LLMProxy:
             tracer_provider, self._array_exporter = build_tracer_provider(config)
         self.provider = tracer_provider
         self.tracer = self.provider.get_tracer("tracetrain.proxy")
+        self.system_prompt = SystemPromptFile(config.system_prompt_file) if config.system_prompt_file else None
         host, _, port = config.listen.rpartition(":")
         if not port.isdigit():
             raise ValueError(f"--listen {config.listen!r} must be host:port")
@@ -311,6 +314,8 @@ class LLMProxy:
 
     async def _captured_call(self, request: web.Request, operation: str, body: dict[str, Any]) -> web.StreamResponse:
         start_ns = time.time_ns()
+        if self.system_prompt is not None and operation == "chat":
+            body = self.system_prompt.apply(body)  # before the record: the span shows what the model saw
         parent = PROPAGATOR.extract(request.headers)
         record = CallRecord(operation, body, caller_context(request.headers, parent))
         name = f"{operation} {record.request_model}" if record.request_model else operation
@@ -487,9 +492,15 @@ def _capture_sink(record: CallRecord, upstream: aiohttp.ClientResponse) -> _Capt
               help="Bearer token the collector requires. [env TRACETRAIN_COLLECTOR_AUTH_TOKEN]")
 @click.option("--upstream-timeout-s", type=float, default=3600.0, show_default=True,
               help="Longest an upstream call may take, streaming included.")
+@click.option("--system-prompt-file", type=click.Path(dir_okay=False), default=None,
+              envvar="TRACETRAIN_PROXY_SYSTEM_PROMPT_FILE",
+              help="Replace (or insert) the system message of chat requests with this file's prompt: plain text, "
+                   "or JSON with a \"prompt\" key such as an APO current.json; re-read when it changes. "
+                   "[env TRACETRAIN_PROXY_SYSTEM_PROMPT_FILE]")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def proxy_command(upstream_url: str, listen: str, collector_url: str | None, service_name: str | None,
-                  auth_token: str | None, upstream_timeout_s: float, log_level: str) -> None:
+                  auth_token: str | None, upstream_timeout_s: float, system_prompt_file: str | None,
+                  log_level: str) -> None:
     """Run an OpenAI-compatible proxy in front of vLLM that records every LLM call.
 
     Chat and completions requests get `return_token_ids` and `logprobs` added
@@ -502,7 +513,7 @@ def proxy_command(upstream_url: str, listen: str, collector_url: str | None, ser
         upstream_url=upstream_url, listen=listen,
         collector_url=collector_url or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://127.0.0.1:4317",
         service_name=service_name or os.environ.get("OTEL_SERVICE_NAME") or "tracetrain-proxy",
-        auth_token=auth_token, upstream_timeout_s=upstream_timeout_s)
+        auth_token=auth_token, upstream_timeout_s=upstream_timeout_s, system_prompt_file=system_prompt_file)
     try:
         proxy = LLMProxy(config)
     except ValueError as exc:
