@@ -90,11 +90,18 @@ def serve(solve_task=solve, workers: int = 32) -> None:
         write(result)  # spans go out in batches; the SDK flushes the rest when stdin closes and we exit
 
     write({"type": "ready"})
-    with ThreadPoolExecutor(workers) as pool:
-        for line in sys.stdin:
-            message = json.loads(line)
-            if message.get("type") == "task":
-                pool.submit(handle, message)
+    pool = ThreadPoolExecutor(workers)
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("type") == "task":
+            pool.submit(handle, message)
+    # EOF: the runner is done. Tasks still running were cancelled or timed out on its side:
+    # export what we have and leave without waiting for them.
+    pool.shutdown(wait=False, cancel_futures=True)
+    from opentelemetry import trace
+    getattr(trace.get_tracer_provider(), "force_flush", lambda: None)()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import threading
+import time
 from typing import Any
 
 from opentelemetry import trace
@@ -146,14 +147,22 @@ class ServerProcess:
 
     capacity = 1
 
-    def close(self, grace_s: float = 5.0) -> None:
+    def end_input(self) -> None:
+        """EOF on the process's stdin: it should flush its spans and exit."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+
+    def close(self, deadline: float) -> None:
+        """Wait for the process to exit until ``deadline`` (monotonic), then kill its group."""
         process = self.process
         if process is None or process.poll() is not None:
             return
         try:
-            process.stdin.close()  # EOF: shut down
-            process.wait(grace_s)
-        except (OSError, subprocess.TimeoutExpired):
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             _kill_group(process)
 
 
@@ -213,9 +222,13 @@ class ServerAgent:
             server = min(self.processes, key=ServerProcess.load)
         return server.submit(spec, timeout_s, span)
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 10.0) -> None:
+        """EOF to every process at once, then up to ``grace_s`` in all for them to exit."""
         for server in self.processes:
-            server.close()
+            server.end_input()
+        deadline = time.monotonic() + grace_s
+        for server in self.processes:
+            server.close(deadline)
 
 
 __all__ = ["OK", "FAILED", "TIMEOUT", "ServerAgent", "ServerProcess"]

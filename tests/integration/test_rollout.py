@@ -88,6 +88,7 @@ def test_callable_agent_episodes_rewards_and_failures(tmp_path, collector, data_
     assert len(calls) == 2 and all(c["response_token_ids"] and c["agent_name"] == "calc" for c in calls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("function", ["solve", "solve_async"])
 def test_callable_calls_really_run_concurrently(tmp_path, collector, data_dir, fake_server, function):
     tasks = [{"id": f"s{i}", "behave": "slow"} for i in range(6)] + [CALC[0]]
@@ -104,7 +105,7 @@ def test_agent_server_protocol(tmp_path, collector, data_dir, fake_server):
     tasks = [*CALC, {"id": "bug", "behave": "raise"}, {"id": "stuck", "behave": "hang"}]
     summary, rows = rollout(tmp_path, collector, fake_server, tasks, "--agent-server",
                             f"{sys.executable} {AGENT} --server", "--server-processes", "2", "--grader", GRADER,
-                            "-G", "2", "-C", "8", "--timeout-s", "4", "--run-id", "srv")
+                            "-G", "2", "-C", "8", "--timeout-s", "3", "--run-id", "srv")
     assert (summary["ok"], summary["failed"], summary["timed_out"], summary["mean_reward"]) == (8, 2, 2, 1.0)
     assert {r["error"] for r in rows if r["status"] == "failed"} == {"RuntimeError: agent bug"}
     stored = assert_calc_episodes(data_dir, "srv", 2)
