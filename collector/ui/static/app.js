@@ -8,6 +8,7 @@ function h(tag, attrs, ...children) {
     if (v === null || v === undefined || v === false) continue;
     if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else if (k === "dataset") Object.assign(el.dataset, v);
+    else if (k === "style") Object.assign(el.style, v);  // CSSOM, allowed by the CSP (style attributes are not)
     else el.setAttribute(k, v === true ? "" : v);
   }
   for (const c of children.flat()) {

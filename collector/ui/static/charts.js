@@ -62,7 +62,8 @@ function lineChart(series, opts) {
   }
   const xTicks = opts.xTime ? [x0, (x0 + x1) / 2, x1] : niceTicks(x0, x1, 5);
   for (const t of xTicks) {
-    svg.appendChild(svgEl("text", { x: sx(t), y: m.top + ph + 14, "text-anchor": "middle" },
+    const anchor = opts.xTime ? (t === x0 ? "start" : t === x1 ? "end" : "middle") : "middle";
+    svg.appendChild(svgEl("text", { x: sx(t), y: m.top + ph + 14, "text-anchor": anchor },
       opts.xTime ? fmtTime(t) : fmtNumber(t)));
   }
   svg.appendChild(svgEl("line", { x1: m.left, x2: m.left + pw, y1: m.top + ph, y2: m.top + ph, class: "axis" }));

@@ -157,11 +157,11 @@
       C.lineChart([{ name: "spans/s", points: s.spans_per_s_series.map((p) => [p.unix_s * 1000, p.spans_per_s]) }],
         { title: "Stored spans per second (last 5 minutes)", xTime: true, yZero: true, width: 700 }),
       h("h2", {}, "Storage by folder"),
-      h("table", { id: "storage" }, h("tbody", {}, Object.entries(s.storage.by_folder).map(([k, v]) =>
+      h("table", { id: "storage-by-folder" }, h("tbody", {}, Object.entries(s.storage.by_folder).map(([k, v]) =>
         h("tr", {}, h("td", { class: "mono" }, k), h("td", { class: "num" }, fmtBytes(v)))))),
       h("p", { class: "muted" }, "Store: ", h("code", {}, s.data_dir),
         ` · pending ${fmtBytes(s.totals.pending_bytes)} · commit failures ${s.totals.commit_failures}` +
-        ` · malformed requests ${s.totals.bad_requests}`));
+        ` · requests refused as malformed or unauthenticated ${s.totals.bad_requests}`));
   }
 
   PAGES.health = async (main) => {

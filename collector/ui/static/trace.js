@@ -47,7 +47,7 @@
       h("div", { class: "tokens" }, ids.map((id, i) => {
         const lp = logprobs ? logprobs[i] : null;
         const isLow = lp !== null && lp !== undefined && lp < threshold;
-        return h("span", { class: "token" + (isLow ? " low" : ""), title: lp === null || lp === undefined ? `id ${id}`
+        return h("span", { class: "token" + (isLow ? " low" : ""), dataset: { id: String(id), logprob: String(lp) }, title: lp === null || lp === undefined ? `id ${id}`
           : `id ${id} · logprob ${lp.toFixed(4)} · p ${Math.exp(lp).toFixed(3)}` },
           String(id), lp === null || lp === undefined ? null : h("small", {}, lp.toFixed(2)));
       })));
@@ -95,11 +95,11 @@
     const rows = treeOrder(t.spans).map(([s, depth]) => {
       const kind = s.status_code === 2 ? "error" : s.llm ? "llm" : s.reward !== null ? "reward" : "";
       const row = h("div", { class: "span-row" + (s.llm ? " llm-row" : ""), dataset: { span: s.span_id } },
-        h("div", { class: "span-name", style: `padding-left:${6 + depth * 14}px`, title: s.name },
+        h("div", { class: "span-name", style: { paddingLeft: `${6 + depth * 14}px` }, title: s.name },
           s.name, s.llm ? h("span", { class: "badge" }, " LLM") : null,
           s.reward !== null ? h("span", { class: "badge delayed" }, ` reward ${s.reward}`) : null),
         h("div", { class: "span-track" }, h("div", { class: "span-bar " + kind,
-          style: `left:${(100 * s.offset_ms) / total}%;width:${(100 * s.duration_ms) / total}%` })),
+          style: { left: `${(100 * s.offset_ms) / total}%`, width: `${(100 * s.duration_ms) / total}%` } })),
         h("div", { class: "span-dur" }, fmtDuration(s.duration_ms)));
       row.addEventListener("click", () => {
         if (selected) selected.classList.remove("selected");
@@ -109,7 +109,7 @@
       return row;
     });
     const ep = t.episodes[0];
-    main.replaceChildren(
+    main.replaceChildren(...[
       h("h1", {}, "Trace ", h("span", { class: "mono" }, t.trace_id)),
       h("p", { class: "muted" }, `${fmtDate(t.start_unix_ms)} UTC · ${t.spans.length} spans · ${fmtDuration(total)}`,
         ep ? ` · episode ${ep.episode_id} · task ${ep.task_id || "–"} · agent ${ep.agent_name || "–"}` : "",
@@ -117,6 +117,6 @@
       ep && ep.trace_ids.length > 1 ? h("p", {}, "Other traces of this episode: ", ep.trace_ids
         .filter((id) => id !== t.trace_id).map((id) => h("a", { href: "#/trace/" + id, class: "mono" }, id + " "))) : null,
       h("h2", {}, "Rewards", ep ? ` (episode reward ${ep.reward ?? "–"})` : ""), rewardsTable(t.rewards),
-      h("h2", {}, "Waterfall"), h("div", { class: "waterfall", id: "waterfall" }, rows), detail);
+      h("h2", {}, "Waterfall"), h("div", { class: "waterfall", id: "waterfall" }, rows), detail].filter(Boolean));
   };
 })();
