@@ -10,7 +10,7 @@ NODE_AGENT_DIR := examples/node_agent
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 WANDB_MODE=disabled
 export OTEL_NODE_RESOURCE_DETECTORS=env,host,os,process
 
-.PHONY: install node-deps serve-env verl-env test test-fast demo bench clean
+.PHONY: install node-deps ui-deps serve-env verl-env test test-fast demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	rm -f $@
@@ -31,6 +31,16 @@ $(NODE_AGENT_DIR)/node_modules/.installed: $(NODE_AGENT_DIR)/package-lock.json
 	touch $@
 
 node-deps: $(NODE_DIR)/node_modules/.installed $(NODE_AGENT_DIR)/node_modules/.installed  ## Node.js OTel SDK for the interop tests and the Node agent
+
+UI_BROWSER_DIR := tests/integration/ui_browser
+
+$(UI_BROWSER_DIR)/node_modules/.installed: $(UI_BROWSER_DIR)/package-lock.json
+	cd $(UI_BROWSER_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The dashboard's browser test drives Debian's chromium (apt-get install chromium; .ci/run does it).
+ui-deps: $(UI_BROWSER_DIR)/node_modules/.installed  ## playwright-core for the dashboard's headless-browser test
+	@command -v chromium >/dev/null || echo "note: no chromium here (apt-get install -y chromium); the dashboard browser test is skipped outside CI"
 
 SERVE_VENV ?= .venv-serve
 SERVE_PIN := trainer/serve-constraints.txt
@@ -64,7 +74,7 @@ $(VERL_VENV)/.installed: $(VERL_PIN)
 
 verl-env: $(VERL_VENV)/.installed  ## verl 0.9.1 + Ray venv for the scale-out backend (torch 2.13.0+cpu)
 
-test: install node-deps serve-env verl-env  ## every test, slow ones included
+test: install node-deps ui-deps serve-env verl-env  ## every test, slow ones included
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: install  ## unit tests only
