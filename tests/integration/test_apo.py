@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -18,6 +20,7 @@ from tracetrain.trainer.apo_critic import parse_prompts
 from tracetrain.trainer.cli_apo import apo_command, load_apo_config, prompt_command
 from tracetrain.trainer.store import connect
 
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = [{"id": "t1", "question": "6*7?", "answer": "42"}, {"id": "t2", "question": "2+2?", "answer": "4"}]
 BASE = "You are a calculator."
 STEP = "Think step by step."
@@ -156,3 +159,23 @@ def test_apo_config_layers(tmp_path):
         load_apo_config(None, toml, environ={})
     with pytest.raises(ApoError, match="rounds must be >= 1"):
         ApoConfig(rounds=0)
+
+
+@pytest.mark.slow
+def test_apo_through_the_rollout_runner_with_a_command_agent(collector, data_dir):
+    """--evaluation rollout: one process per run (tracetrain rollout's runner), prompt in $SYSTEM_PROMPT."""
+    agent = f"{sys.executable} {ROOT / 'tests' / 'integration' / 'agents' / 'apo_prompt_agent.py'}"
+    with FakeChat(critic_script) as critic:
+        cfg = ApoConfig(data_dir=str(data_dir), critic_url=critic.url, agent=agent, tasks=TASKS[:1], rounds=1,
+                        candidates=2, prompt_name="calc", initial_prompt=BASE, evaluation="rollout",
+                        collector_url=f"http://127.0.0.1:{collector.grpc_port}", run_id="apo-roll", timeout_s=60)
+        result = run_apo(cfg)
+    assert (result.baseline_score, result.best.score, result.best.prompt, result.best.version) == (0.0, 0.5, STEP, 2)
+    assert "apo-roll-r0-t1-0" in critic.requests[0]["messages"][1]["content"]
+    con = connect(data_dir)
+    try:
+        rewards = dict(con.execute("SELECT episode_id, reward FROM episodes WHERE episode_id LIKE 'apo-roll-r1%'")
+                       .fetchall())
+    finally:
+        con.close()
+    assert sorted(rewards.values()) == [0.0, 0.5]  # the rollout runner stored each run's reward
