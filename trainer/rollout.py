@@ -90,8 +90,9 @@ class RolloutSummary:
     """All episodes of one ``run_rollouts`` call and their totals."""
 
     run_id: str
-    wall_s: float
+    wall_s: float  # everything, agent start-up included
     results: list[EpisodeResult] = field(default_factory=list)
+    startup_s: float = 0.0  # starting the agent (agent servers: until every process is ready)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -124,12 +125,15 @@ class RolloutSummary:
 
     @property
     def episodes_per_s(self) -> float:
-        return self.n_episodes / self.wall_s if self.wall_s > 0 else 0.0
+        """Episodes per second once the agent is up (start-up is paid once per run, not per episode)."""
+        running_s = self.wall_s - self.startup_s
+        return self.n_episodes / running_s if running_s > 0 else 0.0
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "episodes": self.n_episodes, "ok": self.n_ok, "failed": self.n_failed,
                 "timed_out": self.n_timed_out, "rewarded": self.n_rewarded, "mean_reward": self.mean_reward,
-                "wall_s": round(self.wall_s, 3), "episodes_per_s": round(self.episodes_per_s, 2)}
+                "wall_s": round(self.wall_s, 3), "startup_s": round(self.startup_s, 3),
+                "episodes_per_s": round(self.episodes_per_s, 2)}
 
 
 def load_tasks(path: str | Path) -> list[dict]:
@@ -213,6 +217,7 @@ def run_rollouts(tasks: Sequence[dict], agent: Agent | Callable | str, *, group_
         raise RolloutError("group_size and concurrency must be >= 1 and timeout_s > 0")
     check_tasks(tasks)
     run_id = run_id or uuid.uuid4().hex[:8]
+    started = time.perf_counter()
     try:
         agent = make_agent(agent, service_name)
         grader = make_grader(grader)
@@ -222,18 +227,18 @@ def run_rollouts(tasks: Sequence[dict], agent: Agent | Callable | str, *, group_
                              in_process=agent.in_process)
     specs = episode_specs(tasks, group_size, run_id)
     results: list[EpisodeResult] = []
-    started = time.perf_counter()
     try:
         try:
             agent.start(tracing, concurrency, timeout_s)
         except ValueError as error:
             raise RolloutError(str(error)) from None
+        startup_s = time.perf_counter() - started
         _run_all(specs, agent, grader, tracing, concurrency, timeout_s, failure_reward, agent_name,
                  lambda result: (results.append(result), on_result and on_result(result)))
     finally:
         agent.close()
         tracing.flush()
-    return RolloutSummary(run_id, time.perf_counter() - started, results)
+    return RolloutSummary(run_id, time.perf_counter() - started, results, startup_s)
 
 
 def _run_all(specs: list[EpisodeSpec], agent: Agent, grader: Grader | None, tracing: RolloutTracing,
