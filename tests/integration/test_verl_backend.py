@@ -190,6 +190,9 @@ def test_verl_helpers_agree_with_the_layout(probed):
     assert result["verl_position_ids"] == batch["position_ids"]["values"]  # verl.utils.model
     assert result["verl_response_attention"] == [row[3:] for row in HAND_ATTENTION]
     assert result["chunk_concat_equal"] is True
+    # verl's actor update unpads each row back to exactly the table's token ids
+    assert result["no_padding_input_ids"] == HAND["input_ids"].to_pylist()
+    assert result["no_padding_position_ids"] == [list(range(n)) for n in (5, 3, 6)]
     assert "prompt longer than 1 tokens" in result["too_long_error"]
 
 

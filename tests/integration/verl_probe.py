@@ -51,6 +51,12 @@ def _verl_checks(table) -> dict:
     out["verl_position_ids"] = compute_position_id_with_mask(data.batch["attention_mask"]).tolist()
     # compute_response_mask = the attention over the response part (verl's single-turn default)
     out["verl_response_attention"] = compute_response_mask(data).tolist()
+    # the actor update's first step (ray_trainer._update_actor): padded -> jagged rows
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    jagged = left_right_2_no_padding(data.to_tensordict())
+    out["no_padding_input_ids"] = [row.tolist() for row in jagged["input_ids"].unbind()]
+    out["no_padding_position_ids"] = [row.tolist() for row in jagged["position_ids"].unbind()]
     parts = data.chunk(data.batch.batch_size[0]) if len(data) > 1 else [data]
     again = DataProto.concat(parts)
     out["chunk_concat_equal"] = all(torch.equal(again.batch[k], data.batch[k]) for k in data.batch.keys()) and all(
