@@ -36,65 +36,40 @@ from typing import Any
 
 from tracetrain.instrumentation import semconv as sc
 from tracetrain.trainer import prompt_store
-from tracetrain.trainer.episode_view import Episode, load_episodes
-from tracetrain.trainer.apo_critic import CriticOutputError, FailedRun, parse_prompts, propose
+from tracetrain.trainer.apo_config import (
+    ApoConfig,
+    ApoError,
+    apo_config_from,
+    load_apo_config,
+)
+from tracetrain.trainer.apo_critic import (
+    CriticOutputError,
+    FailedRun,
+    parse_prompts,
+    propose,
+)
+from tracetrain.trainer.episode_view import load_episodes
 from tracetrain.trainer.prompt_store import PromptVersion, current_prompt
 from tracetrain.trainer.rewards import episode_transcript
 from tracetrain.trainer.store import connect
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ApoConfig", "ApoError", "ApoResult", "Candidate", "Evaluation", "current_prompt", "prompt_environment",
-           "parse_prompts", "run_apo"]
+__all__ = [
+    "ApoConfig",
+    "ApoError",
+    "ApoResult",
+    "Candidate",
+    "Evaluation",
+    "apo_config_from",
+    "current_prompt",
+    "load_apo_config",
+    "parse_prompts",
+    "prompt_environment",
+    "run_apo",
+]
 
 RESOURCES_DIR = "resources"
-EVALUATIONS = ("auto", "rollout", "inline")
-
-
-class ApoError(ValueError):
-    """APO cannot run: missing settings, no starting prompt, no rewards, an unusable critic."""
-
-
-@dataclass(frozen=True)
-class ApoConfig:
-    """Everything ``tracetrain apo`` can be told (``tracetrain.toml`` ``[apo]``, ``TRACETRAIN_APO_*``, flags)."""
-
-    data_dir: str = "./tracetrain-data"
-    critic_url: str | None = None                 # OpenAI-compatible endpoint of the critic (required)
-    critic_model: str = "critic"
-    critic_api_key: str | None = None
-    agent: Any = None                              # callable, "module:function" or a command (required)
-    tasks: Any = None                              # JSON-lines path or a list of task dicts (required)
-    grader: Any = None                             # (task, answer) -> reward, when the agent gives none
-    rounds: int = 3
-    candidates: int = 4                            # new prompts per round
-    beam_width: int = 2
-    prompt_name: str = "system"
-    resources_dir: str | None = None               # default DATA/resources
-    initial_prompt: str | None = None              # default: the current published version
-    prompt_env: str = "SYSTEM_PROMPT"              # the variable the agent reads its prompt from
-    prompt_task_key: str | None = "system_prompt"  # also put the prompt in each task under this key
-    evaluation: str = "auto"                       # rollout (run_rollouts), inline (call the function), auto
-    samples_per_task: int = 1
-    critique_episodes: int = 4                     # low-reward episodes shown to the critic per parent
-    where: str | None = None                       # SQL on episodes: also critique these stored episodes
-    collector_url: str | None = None               # OTLP endpoint for rollout spans
-    success_threshold: float = 1.0
-    failure_reward: float = 0.0                    # reward of a crashed / unrewarded run
-    timeout_s: float = 300.0                       # per episode
-    critic_timeout_s: float = 120.0
-    concurrency: int = 4
-    store_wait_s: float = 10.0                     # inline: wait this long for emitted rewards to land
-    run_id: str | None = None
-    agent_name: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("rounds", "candidates", "beam_width", "samples_per_task", "critique_episodes", "concurrency"):
-            if getattr(self, name) < 1:
-                raise ApoError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.evaluation not in EVALUATIONS:
-            raise ApoError(f"evaluation must be one of {', '.join(EVALUATIONS)}, got {self.evaluation!r}")
-        prompt_store.check_name(self.prompt_name)
 
 
 @dataclass
@@ -139,19 +114,6 @@ class ApoResult:
 
 
 # ---------------------------------------------------------------- configuration
-
-
-def apo_config_from(cfg: Any) -> ApoConfig:
-    """An ``ApoConfig`` from itself, or from the training loop's ``TrainConfig`` plus ``[apo]``/env settings."""
-    if isinstance(cfg, ApoConfig):
-        return cfg
-    from tracetrain.trainer.cli_apo import load_apo_config  # the layered loader lives with the CLI
-
-    overrides = {"data_dir": getattr(cfg, "data_dir", None), "where": getattr(cfg, "where", None),
-                 "run_id": getattr(cfg, "run_id", None),
-                 "success_threshold": getattr(cfg, "success_threshold", None),
-                 "agent_name": (getattr(cfg, "agents", None) or (None,))[0]}
-    return load_apo_config(overrides)
 
 
 def prompt_environment(resources_dir: str | os.PathLike, name: str, variable: str = "SYSTEM_PROMPT",

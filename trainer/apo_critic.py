@@ -22,7 +22,7 @@ CRITIC_SYSTEM = (
 EDIT_REQUEST = (
     "Now write {k} different improved system prompts that fix these problems. Put each complete prompt "
     "between <prompt> and </prompt>, and nothing else inside those tags.")
-_PROMPT_TAG = re.compile(r"<prompt>(.*?)</prompt>", re.S | re.I)
+_PROMPT_TAG = re.compile(r"<prompt>(.*?)</prompt>", re.DOTALL | re.IGNORECASE)
 
 
 class CriticOutputError(ValueError):

@@ -1,64 +1,20 @@
 """``tracetrain apo`` (optimize an agent's system prompt from its traces) and ``tracetrain prompt``.
 
-Settings, lowest precedence first: ``ApoConfig`` defaults < the ``[apo]`` table of
-``tracetrain.toml`` < ``TRACETRAIN_APO_<FIELD>`` environment variables < flags.
+Settings: apo_config.load_apo_config (defaults < ``[apo]`` in tracetrain.toml < ``TRACETRAIN_APO_*`` < flags).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import click
-
 from tracetrain.trainer import prompt_store
-from tracetrain.trainer.apo import RESOURCES_DIR, ApoConfig, ApoError, run_apo
+from tracetrain.trainer.apo import RESOURCES_DIR, run_apo
+from tracetrain.trainer.apo_config import ApoError, load_apo_config
 from tracetrain.trainer.openai_chat import ChatError
-
-ENV_PREFIX = "TRACETRAIN_APO_"
-CONFIG_FILE = "tracetrain.toml"
-SECTION = "apo"
-
-
-def _coerce(name: str, raw: Any, kind: str) -> Any:
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null") and "None" in kind):
-        return None
-    try:
-        if kind.startswith("int"):
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
-        return raw if kind == "Any" else str(raw)
-    except (TypeError, ValueError) as exc:
-        raise ApoError(f"apo setting {name}: {exc}") from None
-
-
-def load_apo_config(overrides: Mapping[str, Any] | None = None, config_file: str | os.PathLike | None = None,
-                    environ: Mapping[str, str] | None = None) -> ApoConfig:
-    """Defaults < ``[apo]`` in tracetrain.toml < ``TRACETRAIN_APO_*`` < ``overrides`` (None = not given)."""
-    environ = os.environ if environ is None else environ
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(ApoConfig)}
-    values: dict[str, Any] = {}
-    path = Path(config_file) if config_file else Path(CONFIG_FILE)
-    if config_file or path.exists():
-        try:
-            section = tomllib.loads(path.read_text()).get(SECTION, {})
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ApoError(f"cannot read {path}: {exc}") from None
-        unknown = set(section) - set(kinds)
-        if unknown:
-            raise ApoError(f"{path} [{SECTION}]: unknown keys {sorted(unknown)}; known: {sorted(kinds)}")
-        values.update(section)
-    for name in kinds:
-        if ENV_PREFIX + name.upper() in environ:
-            values[name] = environ[ENV_PREFIX + name.upper()]
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return ApoConfig(**{k: _coerce(k, v, kinds[k]) for k, v in values.items()})
 
 
 @click.command("apo")

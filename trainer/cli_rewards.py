@@ -13,7 +13,6 @@ import json
 import sys
 
 import click
-
 from tracetrain.trainer import rewards as rw
 from tracetrain.trainer.episode_view import episode_ids_in_store
 from tracetrain.trainer.reward_post import post_rewards

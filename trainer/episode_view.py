@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
-
 from tracetrain.instrumentation import semconv as sc
 from tracetrain.trainer.store import retry_listing
 from tracetrain.trainer.tokenizer_chat import otel_message_to_chat

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-
 from tracetrain.trainer.episode_view import Episode, episode_ids_in_store, load_episodes
 from tracetrain.trainer.openai_chat import ChatError, chat_completion
 from tracetrain.trainer.store import retry_listing
@@ -39,8 +38,19 @@ EpisodeRewardFn = Callable[[Episode], float | None]
 BatchRewardFn = Callable[[duckdb.DuckDBPyConnection, Sequence[str] | None], dict[str, float]]
 SQL_PREFIX = "sql:"
 
-__all__ = ["Episode", "RewardError", "JudgeOutputError", "RewardReport", "compute_rewards", "score_episodes",
-           "final_answer_verifier", "tool_error_penalty", "llm_judge", "combine", "resolve_reward_fn"]
+__all__ = [
+    "Episode",
+    "JudgeOutputError",
+    "RewardError",
+    "RewardReport",
+    "combine",
+    "compute_rewards",
+    "final_answer_verifier",
+    "llm_judge",
+    "resolve_reward_fn",
+    "score_episodes",
+    "tool_error_penalty",
+]
 
 
 class RewardError(ValueError):
@@ -70,7 +80,7 @@ def _finite(value: Any, where: str) -> float:
 
 def is_sql(spec: Any) -> bool:
     return isinstance(spec, str) and (spec.startswith(SQL_PREFIX) or
-                                      re.match(r"\s*(select|with)\b", spec, re.I) is not None)
+                                      re.match(r"\s*(select|with)\b", spec, re.IGNORECASE) is not None)
 
 
 def score_episodes(con: duckdb.DuckDBPyConnection, fn_or_sql: EpisodeRewardFn | str,
@@ -129,7 +139,7 @@ def _name(fn: Any) -> str:
 
 
 def _sql_rewards(con: duckdb.DuckDBPyConnection, sql: str, episode_ids: Sequence[str] | None) -> dict[str, float]:
-    query = sql[len(SQL_PREFIX):] if sql.startswith(SQL_PREFIX) else sql
+    query = sql.removeprefix(SQL_PREFIX)
     try:
         cursor = retry_listing(lambda: con.execute(query))
         rows = cursor.fetchall()
@@ -239,7 +249,7 @@ JUDGE_SYSTEM = (
     "You grade one run of an AI agent. Rubric:\n{rubric}\n\n"
     "Reply with a short reason, then a last line exactly of the form `SCORE: <number>` with a number "
     "from 0 to {max_score}.")
-_SCORE = re.compile(r"score\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.I)
+_SCORE = re.compile(r"score\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
 def episode_transcript(episode: Episode, max_chars: int = 6000) -> str:

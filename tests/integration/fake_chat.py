@@ -22,7 +22,7 @@ class FakeChat:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 body["_path"], body["_auth"] = self.path, self.headers.get("Authorization")
                 fake.requests.append(body)
@@ -48,7 +48,7 @@ class FakeChat:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FakeChat":
+    def __enter__(self) -> FakeChat:
         self._thread.start()
         return self
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from tests.integration.fake_chat import FakeChat
-from tests.integration.otel_episodes import EpisodeWriter
 from tracetrain.trainer import prompt_store
-from tracetrain.trainer.apo import ApoConfig, ApoError, prompt_environment, run_apo
+from tracetrain.trainer.apo import ApoConfig, ApoError, apo_config_from, prompt_environment, run_apo
 from tracetrain.trainer.apo_critic import parse_prompts
 from tracetrain.trainer.cli_apo import apo_command, load_apo_config, prompt_command
 from tracetrain.trainer.store import connect
+
+from tests.integration.fake_chat import FakeChat
+from tests.integration.otel_episodes import EpisodeWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = [{"id": "t1", "question": "6*7?", "answer": "42"}, {"id": "t2", "question": "2+2?", "answer": "4"}]
@@ -34,7 +34,7 @@ def prompt_reward(prompt: str) -> float:
 
 def critic_script(request: dict) -> str:
     """Critique first; then edits that depend on the prompt under critique."""
-    current = re.search(r"<current>\n(.*?)\n</current>", request["messages"][1]["content"], re.S).group(1)
+    current = re.search(r"<current>\n(.*?)\n</current>", request["messages"][1]["content"], re.DOTALL).group(1)
     if request["messages"][-1]["role"] == "user" and len(request["messages"]) == 2:
         return "The prompt never asks the agent to reason step by step or to mark its final answer."
     if "step by step" in current:
@@ -53,7 +53,7 @@ class ToyAgent:
         reward = prompt_reward(prompt)
         answer = f"Final answer: {task['answer']}" if reward == 1.0 else "I don't know"
         self.writer.record(task["episode_id"], task["id"], prompt, task["question"], answer, reward=reward)
-        return None  # the reward is read back from the store
+        # the reward is read back from the store
 
 
 def test_apo_improves_the_prompt_publishes_versions_and_records_rounds(collector, data_dir):
@@ -159,6 +159,21 @@ def test_apo_config_layers(tmp_path):
         load_apo_config(None, toml, environ={})
     with pytest.raises(ApoError, match="rounds must be >= 1"):
         ApoConfig(rounds=0)
+
+
+def test_train_config_maps_onto_apo_settings(tmp_path, monkeypatch):
+    """`tracetrain train --algo apo` hands run_apo its TrainConfig; the rest comes from [apo] and the env."""
+    from tracetrain.trainer.train_config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tracetrain.toml").write_text('[apo]\ncritic_url = "http://critic"\nrounds = 2\n')
+    monkeypatch.setenv("TRACETRAIN_APO_PROMPT_NAME", "calc")
+    train = TrainConfig(data_dir="/d", algo="apo", where="reward < 1", run_id="r-1", success_threshold=0.5,
+                        agents=("solver",))
+    cfg = apo_config_from(train)
+    assert (cfg.data_dir, cfg.where, cfg.run_id, cfg.success_threshold, cfg.agent_name) == (
+        "/d", "reward < 1", "r-1", 0.5, "solver")
+    assert (cfg.critic_url, cfg.rounds, cfg.prompt_name) == ("http://critic", 2, "calc")
 
 
 @pytest.mark.slow

@@ -8,13 +8,17 @@ import os
 import urllib.request
 
 import pytest
-
-from tests.integration.fake_upstream import FakeVllm
 from tracetrain.collector.proxy import LLMProxy, ProxyConfig
-from tracetrain.collector.proxy_prompt import SystemPromptFile, read_prompt_file, with_system_prompt
+from tracetrain.collector.proxy_prompt import (
+    SystemPromptFile,
+    read_prompt_file,
+    with_system_prompt,
+)
 from tracetrain.collector.reader import query
 from tracetrain.trainer import prompt_store
 from tracetrain.trainer.apo import prompt_environment
+
+from tests.integration.fake_upstream import FakeVllm
 
 
 def _chat(proxy: LLMProxy, messages: list[dict], episode: str) -> dict:

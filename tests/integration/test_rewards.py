@@ -7,15 +7,15 @@ import socket
 
 import pytest
 from click.testing import CliRunner
-
-from tests.integration.fake_chat import FakeChat
-from tests.integration.otel_episodes import EpisodeWriter
 from tracetrain.trainer import rewards as rw
 from tracetrain.trainer.cli_rewards import score_command
 from tracetrain.trainer.episode_view import load_episodes
 from tracetrain.trainer.openai_chat import ChatError
 from tracetrain.trainer.reward_post import post_rewards
 from tracetrain.trainer.store import connect
+
+from tests.integration.fake_chat import FakeChat
+from tests.integration.otel_episodes import EpisodeWriter
 
 SYSTEM = "You are a careful calculator."
 
