@@ -42,10 +42,14 @@ class _RewardWatcher(SpanProcessor):
         self.lock = threading.Lock()
 
     def on_end(self, span: ReadableSpan) -> None:
-        value = (span.attributes or {}).get(sc.REWARD)
-        if isinstance(value, (int, float)) and span.instrumentation_scope.name != SCOPE_NAME:
-            with self.lock:
-                self.by_trace[span.context.trace_id] = float(value)
+        try:  # runs inside the agent's span.end(): never raise there
+            value = (span.attributes or {}).get(sc.REWARD)
+            scope = getattr(span.instrumentation_scope, "name", None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and scope != SCOPE_NAME:
+                with self.lock:
+                    self.by_trace[span.context.trace_id] = float(value)
+        except Exception:  # noqa: BLE001, S110 - a missed own reward only means the grader runs
+            pass
 
 
 def configure_in_process_capture(collector: str, protocol: str, service_name: str) -> TracerProvider:

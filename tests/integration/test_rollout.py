@@ -20,6 +20,7 @@ from tracetrain.collector.reader import query
 from tracetrain.instrumentation import semconv as sc
 from tracetrain.instrumentation.cli import child_environment
 from tracetrain.trainer.cli_rollout import rollout_command
+from tracetrain.trainer.rollout import CommandAgent, RolloutError, run_rollouts
 from tracetrain.trainer.rollout_agents import capture_environment, parse_result_line
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +143,33 @@ def test_command_grader_and_placeholders(tmp_path, collector, data_dir, fake_ser
     stored = episodes(data_dir, "sh")
     assert {(r["task_id"], r["rollout_id"], r["reward"]) for r in stored.values()} == {
         ("a", "0", 1.0), ("a", "1", 1.0), ("b", "0", 1.0), ("b", "1", 1.0)}
+
+
+@pytest.mark.slow
+def test_agent_server_crash_is_one_failed_episode_and_a_restart(tmp_path, collector, data_dir, fake_server):
+    tasks = [CALC[0], {"id": "boom", "behave": "crash"}, CALC[1]]
+    summary, rows = rollout(tmp_path, collector, fake_server, tasks, "--agent-server",
+                            f"{sys.executable} {AGENT} --server", "-C", "1", "--grader", GRADER, "--run-id", "crash")
+    assert (summary["ok"], summary["failed"]) == (2, 1)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]  # one at a time, in task order
+    assert rows[1]["error"].startswith("agent server exited with code 3")
+    stored = episodes(data_dir, "crash")
+    assert stored["crash-boom-0"]["has_error"] and stored["crash-calc-4-5-0"]["reward"] == 1.0
+
+
+def test_python_api_with_a_command_agent_and_a_lambda_grader(collector, data_dir):
+    """run_rollouts from Python (a command agent keeps OpenTelemetry out of the test process)."""
+    seen = []
+    tasks = [{"id": "a", "prompt": "yes"}, {"id": 7, "prompt": "no"}]
+    summary = run_rollouts(tasks, CommandAgent(["sh", "-c", "echo {prompt}"]), group_size=3, concurrency=4,
+                           collector=f"http://127.0.0.1:{collector.grpc_port}", run_id="api",
+                           grader=lambda task, answer: float(answer == "yes"), on_result=seen.append)
+    assert (summary.n_episodes, summary.n_ok, summary.n_rewarded, summary.mean_reward) == (6, 6, 6, 0.5)
+    assert sorted(r.episode_id for r in seen) == sorted(f"api-{t}-{k}" for t in ("a", "7") for k in range(3))
+    stored = episodes(data_dir, "api")
+    assert {(r["task_id"], r["reward"]) for r in stored.values()} == {("a", 1.0), ("7", 0.0)}
+    with pytest.raises(RolloutError, match="no \"id\""):
+        run_rollouts([{"prompt": "x"}], "true")
 
 
 def test_capture_environment_is_what_tracetrain_run_builds():
