@@ -98,7 +98,10 @@ def score_command(data_dir, fn, sql, judge_url, judge_model, rubric, judge_api_k
         except Exception as exc:  # duckdb errors for a bad --where
             raise click.UsageError(f"--where: {exc}") from None
         try:
-            report = rw.score_episodes(con, reward_fn, ids, on_error="skip", workers=workers)
+            # click hides the bar when stderr is not a terminal
+            with click.progressbar(length=len(ids), label="scoring", file=sys.stderr) as bar:
+                report = rw.score_episodes(con, reward_fn, ids, on_error="skip", workers=workers,
+                                           chunk_episodes=100, on_progress=bar.update)
         except rw.RewardError as exc:
             raise click.ClickException(str(exc)) from None
     finally:

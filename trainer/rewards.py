@@ -63,11 +63,12 @@ class JudgeOutputError(RewardError):
 
 @dataclass
 class RewardReport:
-    """What ``score_episodes`` did: rewards, episodes with no reward, and failures by episode."""
+    """What ``score_episodes`` did: rewards, episodes with no reward, failures, and ids not in the store."""
 
     rewards: dict[str, float] = field(default_factory=dict)
     no_reward: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
 
 
 def _finite(value: Any, where: str) -> float:
@@ -85,7 +86,8 @@ def is_sql(spec: Any) -> bool:
 
 def score_episodes(con: duckdb.DuckDBPyConnection, fn_or_sql: EpisodeRewardFn | str,
                    episode_ids: Sequence[str] | None = None, on_error: str = "raise",
-                   workers: int = 1) -> RewardReport:
+                   workers: int = 1, chunk_episodes: int = 500,
+                   on_progress: Callable[[int], None] | None = None) -> RewardReport:
     """Apply a reward function or SQL to episodes; ``on_error="skip"`` records failures instead of raising.
 
     Args:
@@ -94,6 +96,8 @@ def score_episodes(con: duckdb.DuckDBPyConnection, fn_or_sql: EpisodeRewardFn | 
         episode_ids: which episodes; None for all.
         on_error: ``raise`` (first failure raises) or ``skip`` (failures land in ``errors``).
         workers: threads calling ``fn`` (useful for an LLM judge; 1 for plain functions).
+        chunk_episodes: episodes loaded from the store at a time (bounds memory on big stores).
+        on_progress: called with the number of episodes just scored (progress bars).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -105,7 +109,7 @@ def score_episodes(con: duckdb.DuckDBPyConnection, fn_or_sql: EpisodeRewardFn | 
         return report
     if not callable(fn_or_sql):
         raise RewardError(f"a reward function must be callable or SQL, got {fn_or_sql!r}")
-    episodes = load_episodes(con, episode_ids)
+    ids = list(episode_ids) if episode_ids is not None else episode_ids_in_store(con)
 
     def one(episode: Episode) -> tuple[str, float | None, str | None]:
         try:
@@ -118,13 +122,20 @@ def score_episodes(con: duckdb.DuckDBPyConnection, fn_or_sql: EpisodeRewardFn | 
             return episode.episode_id, None, message
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for episode_id, value, error in pool.map(one, episodes):
-            if error is not None:
-                report.errors[episode_id] = error
-            elif value is None:
-                report.no_reward.append(episode_id)
-            else:
-                report.rewards[episode_id] = value
+        for start in range(0, len(ids), chunk_episodes):
+            chunk = ids[start:start + chunk_episodes]
+            episodes = load_episodes(con, chunk)
+            found = {e.episode_id for e in episodes}
+            report.missing += [e for e in chunk if e not in found]
+            for episode_id, value, error in pool.map(one, episodes):
+                if error is not None:
+                    report.errors[episode_id] = error
+                elif value is None:
+                    report.no_reward.append(episode_id)
+                else:
+                    report.rewards[episode_id] = value
+            if on_progress:
+                on_progress(len(chunk))
     return report
 
 

@@ -75,6 +75,10 @@ def test_sql_rewards_and_bad_functions(store):
     report = rw.score_episodes(store, lambda e: 1 / 0 if e.episode_id == "ep-bad" else 1.0, on_error="skip")
     assert report.rewards == {"ep-good": 1.0, "ep-free": 1.0}
     assert "ZeroDivisionError" in report.errors["ep-bad"]
+    progress: list[int] = []
+    chunked = rw.score_episodes(store, rw.tool_error_penalty(1.0), ["ep-good", "nope", "ep-bad"], chunk_episodes=2,
+                                on_progress=progress.append)
+    assert (chunked.rewards, chunked.missing, progress) == ({"ep-good": -2.0, "ep-bad": -1.0}, ["nope"], [2, 1])
 
 
 def test_resolve_reward_fn_specs(store, tmp_path):
