@@ -51,7 +51,7 @@ from tracetrain.trainer.apo_critic import (
 from tracetrain.trainer.episode_view import load_episodes
 from tracetrain.trainer.prompt_store import PromptVersion, current_prompt
 from tracetrain.trainer.rewards import episode_transcript
-from tracetrain.trainer.store import connect
+from tracetrain.trainer.store import StoreUnavailable, connect
 
 logger = logging.getLogger(__name__)
 
@@ -272,11 +272,15 @@ def _failed_runs(cfg: ApoConfig, candidate: Candidate, extra_ids: Sequence[str])
     wanted = low + [e for e in extra_ids if e not in low][: max(0, cfg.critique_episodes - len(low))]
     if not wanted:
         return []
-    con = connect(cfg.data_dir)
     try:
-        stored = {e.episode_id: e for e in load_episodes(con, wanted)}
-    finally:
-        con.close()
+        con = connect(cfg.data_dir)
+    except StoreUnavailable:  # no collector ever opened the store: only what the runner saw
+        stored = {}
+    else:
+        try:
+            stored = {e.episode_id: e for e in load_episodes(con, wanted)}
+        finally:
+            con.close()
     runs = []
     for episode_id in wanted:
         reward = candidate.evaluation.rewards.get(episode_id)

@@ -15,6 +15,7 @@ from tracetrain.trainer import prompt_store
 from tracetrain.trainer.apo import RESOURCES_DIR, run_apo
 from tracetrain.trainer.apo_config import ApoError, load_apo_config
 from tracetrain.trainer.openai_chat import ChatError
+from tracetrain.trainer.store import StoreUnavailable
 
 
 @click.command("apo")
@@ -56,7 +57,7 @@ def apo_command(config_file: str | None, **flags: Any) -> None:
         result = run_apo(cfg, progress=lambda row: click.echo(
             f"round {row['step'] - 1}: best candidate {row['reward_mean']:.4f}, "
             f"current version v{row['policy_version']}", err=True))
-    except (ApoError, ChatError, prompt_store.PromptNotFound, ValueError) as exc:
+    except (ApoError, ChatError, prompt_store.PromptNotFound, StoreUnavailable, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({"run_id": result.run_id, "baseline_score": result.baseline_score,
                            "best_version": result.best.version, "best_score": result.best.score,

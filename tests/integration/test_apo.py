@@ -194,3 +194,17 @@ def test_apo_through_the_rollout_runner_with_a_command_agent(collector, data_dir
     finally:
         con.close()
     assert sorted(rewards.values()) == [0.0, 0.5]  # the rollout runner stored each run's reward
+
+
+def test_apo_without_a_span_store_uses_what_the_runner_saw(tmp_path):
+    """An inline agent that returns its reward needs no collector: the critic sees the task and the answer."""
+    data = tmp_path / "no-store"
+    with FakeChat(critic_script) as critic:
+        cfg = ApoConfig(data_dir=str(data), critic_url=critic.url, agent=_file_agent(tmp_path), tasks=TASKS[:1],
+                        rounds=1, candidates=2, initial_prompt=BASE, evaluation="inline", run_id="apo-bare")
+        result = run_apo(cfg)
+    assert (result.best.prompt, result.best.version, result.best.score) == (STEP, 2, 0.5)
+    assert '"question": "6*7?"' in critic.requests[0]["messages"][1]["content"]
+    steps = sorted(p.name for p in (data / "training" / "train_steps" / "run=apo-bare").iterdir())
+    assert steps == ["step-0000000001.parquet", "step-0000000002.parquet"]
+    assert prompt_store.current_prompt(data / "resources", "system") == STEP
