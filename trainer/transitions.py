@@ -110,11 +110,25 @@ def load_calls(con: Any, *, where: str | None = None, agents: list[str] | None =
                CASE WHEN {no_ids} THEN c.{sc.COL_OUTPUT_MESSAGES} END AS {sc.COL_OUTPUT_MESSAGES},
                CASE WHEN {no_ids} THEN c.{sc.COL_SYSTEM_INSTRUCTIONS} END AS {sc.COL_SYSTEM_INSTRUCTIONS},
                CASE WHEN {no_ids} THEN c.{sc.COL_ATTRIBUTES} END AS {sc.COL_ATTRIBUTES}
-        FROM (SELECT DISTINCT ON ({sc.COL_TRACE_ID}, {sc.COL_SPAN_ID}) * FROM {sc.VIEW_LLM_CALLS}) c
+        FROM {sc.VIEW_LLM_CALLS} c
         JOIN (SELECT * FROM {sc.VIEW_EPISODES} {episode_filter}) e USING ({sc.COL_EPISODE_ID})
         {call_filter}
-        ORDER BY e.{sc.COL_END_NS}, c.{sc.COL_EPISODE_ID}, c.{sc.COL_START_NS}, c.{sc.COL_SPAN_ID}"""
-    return con.sql(sql, params=params or None).to_arrow_table()
+        ORDER BY e.{sc.COL_END_NS}, c.{sc.COL_EPISODE_ID}, c.{sc.COL_START_NS}, c.{sc.COL_SPAN_ID}, c.{sc.COL_TRACE_ID}"""
+    return _drop_repeated_spans(con.sql(sql, params=params or None).to_arrow_table())
+
+
+def _drop_repeated_spans(calls: pa.Table) -> pa.Table:
+    """One row per (trace_id, span_id): a span stored twice (a client retry after a crash) sorts
+    next to itself, so comparing neighbours is enough (and much cheaper than DISTINCT in SQL)."""
+    if calls.num_rows < 2:
+        return calls
+    same = None
+    for name in (sc.COL_TRACE_ID, sc.COL_SPAN_ID):
+        column = calls[name].combine_chunks()
+        equal = pc.fill_null(pc.equal(column[1:], column[:-1]), False)
+        same = equal if same is None else pc.and_(same, equal)
+    repeated = np.concatenate([[False], same.to_numpy(zero_copy_only=False)])
+    return calls.filter(pa.array(~repeated)) if repeated.any() else calls
 
 
 def watermark(calls: pa.Table) -> tuple[int, str] | None:
@@ -443,7 +457,8 @@ def _assemble(kept: pa.Table, merge: bool) -> pa.Table:
     has_version = np.logical_or.reduceat(version.is_valid().to_numpy(zero_copy_only=False), first)
     min_version = np.minimum.reduceat(_np(version, np.iinfo(np.int64).max, np.int64), first)
     take_first = pa.array(first, pa.int64())
-    head = kept.take(take_first)
+    head = kept.select([sc.COL_EPISODE_ID, sc.COL_TASK_ID, sc.COL_ROLLOUT_ID, sc.COL_AGENT_NAME, sc.COL_TRACE_ID,
+                        "_call_index", EPISODE_REWARD_COL, "_reward"]).take(take_first)  # no token lists
     columns = {
         "episode_id": head[sc.COL_EPISODE_ID], "task_id": head[sc.COL_TASK_ID],
         "rollout_id": head[sc.COL_ROLLOUT_ID], "agent_name": head[sc.COL_AGENT_NAME],

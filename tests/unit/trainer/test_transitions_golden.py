@@ -204,3 +204,9 @@ def test_resolve_old_logprobs_uses_detached_current_ones():
     new = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
     old = batch.resolve_old_logprobs(out, new)
     assert old.tolist() == [[0.0, -1.0, -2.0]] and not old.requires_grad
+
+
+def test_a_span_stored_twice_is_loaded_once():
+    rows = [CALLS[0], CALLS[0], CALLS[1], dict(CALLS[1], trace_id="other")]
+    kept = transitions._drop_repeated_spans(calls_table(rows))
+    assert kept["span_id"].to_pylist() == ["s11", "s12", "s12"]
