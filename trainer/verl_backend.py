@@ -80,9 +80,9 @@ def pad_rows(
 ) -> PaddedRows:
     """Split and pad every row (see PaddedRows); widths default to the longest row.
 
-    Raises ValueError on a missing column, a row without any policy token, or a row whose
-    prompt or response is longer than the given maximum (filter those rows upstream; the
-    transitions builder counts them as `too_long`).
+    Raises ValueError on a missing column, a row without any policy token, a NaN reward or
+    behaviour logprob, or a row whose prompt or response is longer than the given maximum
+    (filter those rows upstream; the transitions builder counts them as `too_long`).
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in transitions.column_names]
     if missing:
@@ -128,6 +128,14 @@ def pad_rows(
     response_attention[r_row, r_col] = 1
     response_mask[r_row, r_col] = mask[~in_prompt]
     old[r_row, r_col] = logprobs[~in_prompt]
+    unknown = np.isnan(old).any(axis=1)
+    if unknown.any():
+        # tracetrain marks retokenized rows' logprobs NaN; verl has no such convention and
+        # a NaN would poison its ratios and importance weights
+        raise ValueError(
+            f"{int(unknown.sum())} row(s) have unknown (NaN) behaviour logprobs (retokenized calls); "
+            "drop them before handing the batch to verl"
+        )
 
     rewards = transitions.column("reward").to_numpy(zero_copy_only=False).astype(np.float64)
     if np.isnan(rewards).any():

@@ -117,6 +117,9 @@ def test_pad_rows_fixed_widths_and_pad_id():
     (lambda t: t.set_column(t.schema.get_field_index("old_logprobs"), "old_logprobs",
                             pa.array([[0.0] * 4, [0, 0, -1.0], [0.0] * 6], pa.list_(pa.float32()))), "differ in length"),
     (lambda t: t.set_column(t.schema.get_field_index("reward"), "reward", pa.array([1.0, None, 0.5])), "reward"),
+    (lambda t: t.set_column(t.schema.get_field_index("old_logprobs"), "old_logprobs",
+                            pa.array([[0, 0, 0, -0.5, -0.25], [0, 0, float("nan")], [0.0] * 6], pa.list_(pa.float32()))),
+     "1 row.*unknown \\(NaN\\) behaviour logprobs"),
 ])
 def test_pad_rows_rejects_bad_tables(mutate, message):
     with pytest.raises(ValueError, match=message):
@@ -151,7 +154,8 @@ def probed(tmp_path_factory) -> dict[str, dict]:
     _need_verl_venv()
     work = tmp_path_factory.mktemp("verl")
     # ours_multi: MULTI with tracetrain's own GRPO advantages filled in
-    cases = {"hand": HAND, "groups": _groups_table(), "multi": MULTI, "ours_multi": advantages.grpo(MULTI, eps=1e-6)[0]}
+    cases = {"hand": HAND, "groups": _groups_table(), "multi": MULTI, "ours_multi": advantages.grpo(MULTI, eps=1e-6)[0],
+             "ours_groups": advantages.grpo(_groups_table(), eps=1e-6)[0]}
     for name, table in cases.items():
         pq.write_table(table, work / f"{name}.parquet")
     out = subprocess.run([str(VERL_PYTHON), str(PROBE), "convert", str(work), *(str(work / f"{n}.parquet") for n in cases)],
@@ -241,6 +245,17 @@ def test_our_advantages_reach_the_dataproto(probed):
     assert got["dtype"] == "float32"
     np.testing.assert_allclose(got["values"], expected, atol=1e-6)
     np.testing.assert_allclose(expected, [[1, 1], [1, 0], [-1, 0], [0, 0]], atol=1e-5)  # R = 2
+
+
+@pytest.mark.parametrize("case", ["ours_multi", "ours_groups"])
+def test_verl_ppo_clip_loss_equals_ours_on_the_same_rows(probed, case):
+    """verl's 'vanilla' policy loss (clip 0.2, dual clip 3, token-mean) = tracetrain's ppo_clip_loss."""
+    loss = probed[case]["loss"]
+    assert loss["old_logprobs_same"] is True
+    values = [loss[f"scale{s:g}"] for s in (0.05, 0.5, 2.0)]
+    for verl_loss, our_loss in values:
+        assert verl_loss == pytest.approx(our_loss, rel=1e-5, abs=1e-6)
+    assert len({round(v, 4) for v, _ in values}) == 3  # the three perturbations gave different losses
 
 
 def _namespace_prefix() -> list[str] | None:

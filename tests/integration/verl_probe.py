@@ -77,9 +77,45 @@ def _verl_checks(table) -> dict:
     return out
 
 
+def _loss_agreement(table) -> dict:
+    """verl's PPO-clip policy loss ('vanilla') and tracetrain's on the same rows and logprobs.
+
+    New logprobs are drawn in verl's response layout [B,R] and scattered to tracetrain's
+    full-row layout [B,T] (response column j of row b = position n_prompt[b] + j).
+    """
+    from verl.trainer.ppo import core_algos
+    from verl.workers.config import ActorConfig
+
+    from tracetrain.trainer.algorithms import AlgoConfig, ppo_clip_loss
+    from tracetrain.trainer.batch import to_batch
+
+    data = vb.to_dataproto(table, PAD)
+    ours = to_batch(table, PAD)
+    mask = data.batch["response_mask"].float()
+    n_prompt = data.batch["attention_mask"][:, : data.batch["prompts"].shape[1]].sum(1)
+    width_r = mask.shape[1]
+    column = (n_prompt[:, None] + torch.arange(width_r)).clamp(max=ours.input_ids.shape[1] - 1)
+    real = data.batch["attention_mask"][:, -width_r:].bool()
+    out = {"old_logprobs_same": bool(torch.equal(
+        torch.gather(ours.old_logprobs, 1, column) * real, data.batch["rollout_log_probs"] * real))}
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.05, 0.5, 2.0):  # small moves; clipped; dual-clipped
+        new_r = data.batch["old_log_probs"] + scale * torch.randn(mask.shape, generator=generator)
+        new_t = torch.zeros_like(ours.old_logprobs)
+        new_t[real.nonzero(as_tuple=True)[0], column[real]] = new_r[real]
+        verl_loss, _ = core_algos.get_policy_loss_fn("vanilla")(
+            data.batch["old_log_probs"], new_r, data.batch["advantages"], mask, "token-mean",
+            ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2))
+        our_loss = ppo_clip_loss(new_t, ours, AlgoConfig(clip_eps=0.2, dual_clip_c=3.0)).loss
+        out[f"scale{scale:g}"] = [float(verl_loss), float(our_loss)]
+    return out
+
+
 def convert(out_dir: Path, paths: list[Path]) -> None:
     for path in paths:
         result = _verl_checks(pq.read_table(path))
+        if path.stem.startswith("ours_"):  # tables that carry tracetrain's advantages
+            result["loss"] = _loss_agreement(pq.read_table(path))
         (out_dir / f"{path.stem}.json").write_text(json.dumps(result))
 
 
