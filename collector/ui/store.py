@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import os
 import threading
@@ -27,6 +28,7 @@ from tracetrain.collector import reader
 from tracetrain.collector import store_layout as layout
 from tracetrain.instrumentation import semconv as sc
 
+logger = logging.getLogger(__name__)
 EPISODE_COLUMNS = (
     "episode_id", "task_id", "rollout_id", "agent_name", "service_name", "reward", "reward_sum", "n_rewards",
     "n_delayed_rewards", "n_llm_calls", "n_spans", "start_time_unix_nano", "end_time_unix_nano",
@@ -36,6 +38,8 @@ MAX_TRACE_SPANS = 5000
 MAX_FACET_VALUES = 200
 REBUILD_BUDGET = 0.2
 """Share of wall time the episode-list cache may spend rebuilding while files keep changing."""
+SYNC_REBUILD_S = 0.5
+"""A rebuild that took less than this runs inside the request (always fresh); a longer one in the background."""
 LOW_PROB_LOGPROB = math.log(0.1)
 """Tokens sampled with probability under 10 % are highlighted in the trace view."""
 
@@ -169,9 +173,13 @@ class UiStore:
         self._listing: tuple | None = None
         self._built_at_s = 0.0
         self._build_s = 0.0
+        self._builder: threading.Thread | None = None
         self.rebuilds = 0
 
     def close(self) -> None:
+        builder = self._builder
+        if builder is not None:
+            builder.join(120)
         self._con.close()
 
     def _query(self, sql: str, params: list | None = None) -> list[dict]:
@@ -184,26 +192,50 @@ class UiStore:
     # ------------------------------------------------------------ episode cache
 
     def refresh_episodes(self) -> dict[str, Any]:
-        """Rebuild the episode table if the span files changed (and the budget allows)."""
+        """Rebuild the episode table if the span files changed.
+
+        The first build, and any rebuild that was cheap last time (under SYNC_REBUILD_S), runs
+        here, so small stores are always fresh. A costly one runs in the background, at most
+        once per ``build time / REBUILD_BUDGET``, while answers come from the previous table,
+        marked stale.
+        """
         with self._lock:
             listing = store_listing(self.data_dir)
-            now = time.time()
-            due = self._listing is None or (
-                listing != self._listing and now - self._built_at_s >= self._build_s / REBUILD_BUDGET)
-            if due:
-                started = time.perf_counter()
-                cursor = self._con.cursor()
-                try:
-                    columns = ", ".join(EPISODE_COLUMNS)
-                    reader.run_listing_safe(lambda: cursor.execute(
-                        f"CREATE OR REPLACE TABLE _ui_episodes AS SELECT {columns} FROM {sc.VIEW_EPISODES}"))
-                finally:
-                    cursor.close()
-                self._build_s = time.perf_counter() - started
-                self._listing, self._built_at_s = listing, now
-                self.rebuilds += 1
+            changed = listing != self._listing
+            if self._listing is None or (changed and self._build_s < SYNC_REBUILD_S):
+                self._build(listing)
+            elif (changed and self._builder is None
+                  and time.time() - self._built_at_s >= self._build_s / REBUILD_BUDGET):
+                self._builder = threading.Thread(target=self._build_in_background, args=(listing,),
+                                                 name="tracetrain-ui-episodes", daemon=True)
+                self._builder.start()
             return {"as_of_unix_s": self._built_at_s, "stale": listing != self._listing,
                     "cache_build_s": round(self._build_s, 4)}
+
+    def _build(self, listing: tuple) -> None:
+        """Materialize ``episodes`` as of ``listing`` and swap it in (one statement: readers see old or new)."""
+        started_s, started = time.time(), time.perf_counter()
+        cursor = self._con.cursor()
+        try:
+            columns = ", ".join(EPISODE_COLUMNS)
+            reader.run_listing_safe(lambda: cursor.execute(
+                f"CREATE OR REPLACE TABLE _ui_episodes_next AS SELECT {columns} FROM {sc.VIEW_EPISODES}"))
+            cursor.execute("CREATE OR REPLACE TABLE _ui_episodes AS SELECT * FROM _ui_episodes_next")
+            cursor.execute("DROP TABLE _ui_episodes_next")
+        finally:
+            cursor.close()
+        self._build_s = time.perf_counter() - started
+        self._listing, self._built_at_s = listing, started_s
+        self.rebuilds += 1
+
+    def _build_in_background(self, listing: tuple) -> None:
+        try:
+            self._build(listing)
+        except Exception:  # the next request retries; the old table keeps serving
+            logger.exception("rebuilding the dashboard's episode list failed")
+            self._built_at_s = time.time()
+        finally:
+            self._builder = None
 
     def episodes(self, filters: EpisodeFilter, cursor: str | None = None, limit: int = 50,
                  facets: bool = False) -> dict[str, Any]:
@@ -245,15 +277,16 @@ class UiStore:
     # ------------------------------------------------------------ one trace
 
     def trace(self, trace_id: str) -> dict[str, Any] | None:
-        """Spans of a trace (waterfall), LLM call details, and its episode's rewards."""
+        """Spans of a trace (waterfall), LLM call details, and its episode's rewards.
+
+        One scan of ``spans`` for the trace; the ``llm_calls`` view is not used here because
+        it resolves episode context over the whole store, which a single trace does not need.
+        """
         trace_id = trace_id.lower()
         if len(trace_id) != 32 or any(c not in "0123456789abcdef" for c in trace_id):
             raise BadQuery(f"trace id {trace_id!r} is not 32 hex digits")
         spans = self._query(
-            f"""SELECT DISTINCT ON (span_id) span_id, parent_span_id, name, kind, start_time_unix_nano,
-                       end_time_unix_nano, status_code, status_message, service_name, scope_name, attributes,
-                       events, gen_ai_operation, request_model, response_model, input_tokens, output_tokens,
-                       reward, policy_version, episode_id, task_id, agent_name
+            f"""SELECT DISTINCT ON (span_id) * EXCLUDE (trace_id, date)
                 FROM {sc.TABLE_SPANS} WHERE trace_id = ?
                 ORDER BY span_id, received_unix_nano LIMIT {MAX_TRACE_SPANS}""", [trace_id])
         if not spans:
@@ -263,40 +296,51 @@ class UiStore:
             "SELECT * FROM _ui_episodes WHERE list_contains(trace_ids, ?)", [trace_id])]
         t0 = min(s["start_time_unix_nano"] or 0 for s in spans)
         spans.sort(key=lambda s: (s["start_time_unix_nano"] or 0, s["span_id"]))
-        calls = {c["span_id"]: c for c in self._llm_calls(trace_id)}
+        calls = _llm_calls(spans, self._log_messages(trace_id))
+        rewards = self._rewards(trace_id, spans, episodes, t0)
         return {"trace_id": trace_id, "start_unix_ms": t0 / 1e6,
                 "spans": [_span_json(s, t0, calls.get(s["span_id"])) for s in spans],
-                "episodes": episodes, "rewards": self._rewards(trace_id, episodes, t0),
-                "low_prob_logprob": LOW_PROB_LOGPROB}
+                "episodes": episodes, "rewards": rewards, "low_prob_logprob": LOW_PROB_LOGPROB}
 
-    def _llm_calls(self, trace_id: str) -> list[dict]:
-        rows = self._query(
-            f"""SELECT span_id, model, input_tokens, output_tokens, input_messages, output_messages,
-                       system_instructions, prompt_token_ids, response_token_ids, response_logprobs,
-                       policy_version, server_time_to_first_token_s, server_latency_e2e_s
-                FROM {sc.VIEW_LLM_CALLS} WHERE trace_id = ?""", [trace_id])
-        for row in rows:
-            for key in ("input_messages", "output_messages", "system_instructions"):
-                row[key] = _maybe_json(row[key])
-        return rows
+    def _log_messages(self, trace_id: str) -> dict[str, dict]:
+        """Message content that arrived as GenAI log events, per span id (reader's ``_log_messages``)."""
+        rows = self._query("SELECT * FROM _log_messages WHERE trace_id = ?", [trace_id])
+        return {r["span_id"]: r for r in rows}
 
-    def _rewards(self, trace_id: str, episodes: list[dict], t0: int) -> list[dict]:
-        """Rewards of the trace and of its episodes (delayed ones live in traces of their own)."""
+    def _rewards(self, trace_id: str, spans: list[dict], episodes: list[dict], t0: int) -> list[dict]:
+        """Rewards in this trace, in the episode's other traces, and delayed ones for the episode.
+
+        Delayed rewards are spans of their own trace under the feedback service's partition, so
+        only those files are read for them.
+        """
+        rows = [dict(s, trace_id=trace_id, delayed=False) for s in spans if s["reward"] is not None]
         episode_ids = [e["episode_id"] for e in episodes] or [trace_id]
-        trace_ids = sorted({trace_id, *(t for e in episodes for t in e["trace_ids"])})
-        rows = self._query(
-            f"""SELECT DISTINCT ON (trace_id, span_id) trace_id, span_id,
-                       coalesce(json_extract_string(attributes, ?), name) AS name, end_time_unix_nano, reward,
-                       coalesce(scope_name = ?, false) AS delayed, attributes
-                FROM {sc.TABLE_SPANS}
-                WHERE reward IS NOT NULL AND (list_contains(?, trace_id) OR list_contains(?, episode_id))
-                ORDER BY trace_id, span_id""",
-            [reader.json_path(sc.REWARD_NAME), sc.FEEDBACK_SCOPE_NAME, trace_ids, episode_ids])
-        rows.sort(key=lambda r: r["end_time_unix_nano"] or 0)
-        return [{"trace_id": r["trace_id"], "span_id": r["span_id"], "name": r["name"], "value": r["reward"],
-                 "delayed": r["delayed"], "unix_ms": (r["end_time_unix_nano"] or 0) / 1e6,
-                 "offset_ms": ((r["end_time_unix_nano"] or t0) - t0) / 1e6,
-                 "attributes": _maybe_json(r["attributes"])} for r in rows]
+        other_traces = sorted({t for e in episodes for t in e["trace_ids"]} - {trace_id})
+        columns = "trace_id, span_id, name, end_time_unix_nano, reward, attributes"
+        if other_traces:
+            marks = ", ".join("?" * len(other_traces))
+            rows += [dict(r, delayed=False) for r in self._query(
+                f"SELECT DISTINCT ON (trace_id, span_id) {columns} FROM {sc.TABLE_SPANS} "
+                f"WHERE reward IS NOT NULL AND trace_id IN ({marks})", other_traces)]
+        feedback_files = sorted(str(p) for p in self.data_dir.glob(
+            f"{layout.SPANS_DIR}/*/{layout.partition_dir(Path(), 'x', sc.FEEDBACK_SERVICE_NAME).name}/*.parquet"))
+        if feedback_files:
+            marks = ", ".join("?" * len(episode_ids))
+            rows += [dict(r, delayed=True) for r in self._query(
+                f"SELECT DISTINCT ON (trace_id, span_id) {columns} "
+                f"FROM read_parquet(?, union_by_name = true) "
+                f"WHERE reward IS NOT NULL AND episode_id IN ({marks}) AND scope_name = ?",
+                [feedback_files, *episode_ids, sc.FEEDBACK_SCOPE_NAME])]
+        rows.sort(key=lambda r: (r["end_time_unix_nano"] or 0, r["span_id"]))
+        out = []
+        for r in rows:
+            attributes = _maybe_json(r["attributes"])
+            name = attributes.get(sc.REWARD_NAME) if isinstance(attributes, dict) else None
+            out.append({"trace_id": r["trace_id"], "span_id": r["span_id"], "name": name or r["name"],
+                        "value": r["reward"], "delayed": r["delayed"],
+                        "unix_ms": (r["end_time_unix_nano"] or 0) / 1e6,
+                        "offset_ms": ((r["end_time_unix_nano"] or t0) - t0) / 1e6, "attributes": attributes})
+        return out
 
     # ------------------------------------------------------------ training
 
@@ -352,10 +396,51 @@ def _episode_json(row: dict) -> dict:
     return out
 
 
-def _span_json(span: dict, t0: int, call: dict | None) -> dict:
-    start, end = span.pop("start_time_unix_nano") or t0, span.pop("end_time_unix_nano") or t0
+_SPAN_FIELDS = ("span_id", "parent_span_id", "name", "kind", "status_code", "status_message", "service_name",
+                "scope_name", "attributes", "events", "gen_ai_operation", "request_model", "response_model",
+                "input_tokens", "output_tokens", "reward", "policy_version", "episode_id", "task_id", "agent_name")
+
+
+def _span_json(row: dict, t0: int, call: dict | None) -> dict:
+    span = {k: row[k] for k in _SPAN_FIELDS}
+    start, end = row["start_time_unix_nano"] or t0, row["end_time_unix_nano"] or t0
     span["offset_ms"], span["duration_ms"] = (start - t0) / 1e6, max(0, end - start) / 1e6
     span["attributes"] = _maybe_json(span["attributes"])
     span["events"] = _maybe_json(span["events"])
     span["llm"] = call
     return span
+
+
+def _is_vllm_server(span: dict) -> bool:
+    """vLLM's own ``llm_request`` SERVER span: shown as its client call's server latencies, not a row."""
+    return span["name"] == sc.VLLM_SERVER_SPAN_NAME and span["kind"] == 2
+
+
+def _is_llm(span: dict) -> bool:
+    """The same test as the reader's ``llm_calls`` view."""
+    return (span["gen_ai_operation"] in reader.LLM_OPERATIONS or span["response_token_ids"] is not None
+            or span["output_messages"] is not None) and not _is_vllm_server(span)
+
+
+def _llm_calls(spans: list[dict], log_messages: dict[str, dict]) -> dict[str, dict]:
+    """LLM call details per span id: messages (span, else log events), token ids, logprobs, server latency."""
+    server = {s["parent_span_id"]: _maybe_json(s["attributes"]) for s in spans if _is_vllm_server(s)}
+    calls = {}
+    for span in spans:
+        if not _is_llm(span):
+            continue
+        logs = log_messages.get(span["span_id"], {})
+        latency = server.get(span["span_id"]) or {}
+        calls[span["span_id"]] = {
+            "model": span["response_model"] or span["request_model"],
+            "input_tokens": span["input_tokens"], "output_tokens": span["output_tokens"],
+            "input_messages": _maybe_json(span["input_messages"] or logs.get("detail_input") or logs.get("event_input")),
+            "output_messages": _maybe_json(
+                span["output_messages"] or logs.get("detail_output") or logs.get("event_output")),
+            "system_instructions": _maybe_json(span["system_instructions"] or logs.get("detail_system")),
+            "prompt_token_ids": span["prompt_token_ids"], "response_token_ids": span["response_token_ids"],
+            "response_logprobs": span["response_logprobs"], "policy_version": span["policy_version"],
+            "server_time_to_first_token_s": latency.get(sc.VLLM_LATENCY_PREFIX + "time_to_first_token"),
+            "server_latency_e2e_s": latency.get(sc.VLLM_LATENCY_PREFIX + "e2e"),
+        }
+    return calls

@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -179,7 +180,10 @@ def test_the_401_page_is_a_token_form_and_the_cookie_opens_the_list(filled):
     assert status == 200 and json.loads(body)["total"] == len(EPISODES)
 
 
-def test_cache_follows_new_files_and_is_reused_otherwise(filled):
+def test_cache_follows_new_files_and_is_reused_otherwise(filled, monkeypatch):
+    from tracetrain.collector.ui import store as ui_store_module
+
+    monkeypatch.setattr(ui_store_module, "SYNC_REBUILD_S", 1e9)  # a loaded test box must not make it "costly"
     daemon, data_dir, _ = filled
     api(daemon.http_port, "episodes")
     store = daemon.dashboard.store
@@ -213,3 +217,26 @@ def test_static_assets_fetch_nothing_from_elsewhere():
         text = path.read_text()
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, path
     assert os.path.getsize(static / "index.html") < 4096
+
+
+def test_a_costly_rebuild_runs_in_the_background_and_answers_stay_available(filled, monkeypatch):
+    from tracetrain.collector.ui import store as ui_store_module
+
+    daemon, data_dir, _ = filled
+    monkeypatch.setattr(ui_store_module, "SYNC_REBUILD_S", 0.0)  # every rebuild counts as costly
+    monkeypatch.setattr(ui_store_module, "REBUILD_BUDGET", 1e9)  # and may start at once
+    store = ui_store_module.UiStore(data_dir)
+    try:
+        before = store.episodes(ui_store_module.EpisodeFilter(q="ep-price-1"))
+        assert not before["stale"] and store.rebuilds == 1
+        gate, build = threading.Event(), store._build
+        monkeypatch.setattr(store, "_build", lambda listing: (gate.wait(60), build(listing)))
+        ui_store.post_delayed_reward(daemon.http_port, reward_id="ui-r3", value=0.5)
+        during = store.episodes(ui_store_module.EpisodeFilter(q="ep-price-1"))
+        assert during["stale"] and during["episodes"] == before["episodes"]  # the old table answers
+        gate.set()
+        store._builder.join(60)
+        after = store.episodes(ui_store_module.EpisodeFilter(q="ep-price-1"))
+        assert not after["stale"] and store.rebuilds == 2 and after["episodes"][0]["reward"] == 0.5
+    finally:
+        store.close()
