@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -50,6 +51,20 @@ class _RewardWatcher(SpanProcessor):
                     self.by_trace[span.context.trace_id] = float(value)
         except Exception:  # noqa: BLE001, S110 - a missed own reward only means the grader runs
             pass
+
+
+_watchers: "weakref.WeakKeyDictionary[TracerProvider, _RewardWatcher]" = weakref.WeakKeyDictionary()
+_watchers_lock = threading.Lock()
+
+
+def _watcher_of(provider: TracerProvider) -> _RewardWatcher:
+    """One watcher per provider, however many rollouts run in the process (an online trainer runs hundreds)."""
+    with _watchers_lock:
+        watcher = _watchers.get(provider)
+        if watcher is None:
+            watcher = _watchers[provider] = _RewardWatcher()
+            provider.add_span_processor(watcher)
+        return watcher
 
 
 def configure_in_process_capture(collector: str, protocol: str, service_name: str) -> TracerProvider:
@@ -96,11 +111,11 @@ class RolloutTracing:
         self.protocol = protocol
         self.service_name = service_name
         self.in_process = in_process
-        self.watcher = _RewardWatcher()
         if in_process:
             self.provider = configure_in_process_capture(self.collector, protocol, service_name)
-            self.provider.add_span_processor(self.watcher)
+            self.watcher = _watcher_of(self.provider)
         else:
+            self.watcher = _RewardWatcher()  # sees nothing: process agents' spans are elsewhere
             self.provider = private_provider(self.collector, protocol, service_name)
         self.tracer = self.provider.get_tracer(SCOPE_NAME)
 

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.integration.test_capture_examples import load_fake_server_module
+from tests.integration.test_proxy import _calls, make_proxy, proxy, upstream  # noqa: F401 - fixtures
 from tracetrain.collector.reader import query
 from tracetrain.instrumentation import semconv as sc
 from tracetrain.instrumentation.cli import child_environment
@@ -38,12 +39,13 @@ def fake_server():
     server.stop()
 
 
-def rollout(tmp_path: Path, collector, server, tasks: list[dict], *flags: str) -> tuple[dict, list[dict]]:
+def rollout(tmp_path: Path, collector, server, tasks: list[dict], *flags: str, **extra_env: str) -> tuple[dict, list]:
     """Run the CLI in a fresh process (capture configures OpenTelemetry globally); (summary, --out rows)."""
     tasks_file, out_file = tmp_path / "tasks.jsonl", tmp_path / "out.jsonl"
     tasks_file.write_text("".join(json.dumps(t) + "\n" for t in tasks))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRACETRAIN_"))}
-    env.update(OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="EMPTY", OTEL_EXPORTER_OTLP_TIMEOUT="10")
+    env.update(OPENAI_BASE_URL=getattr(server, "base_url", ""), OPENAI_API_KEY="EMPTY", OTEL_EXPORTER_OTLP_TIMEOUT="10")
+    env.update(extra_env)
     command = [str(BIN / "tracetrain"), "rollout", "--tasks", str(tasks_file), "--collector",
                f"http://127.0.0.1:{collector.grpc_port}", "--out", str(out_file), "--quiet", *flags]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -170,6 +172,30 @@ def test_python_api_with_a_command_agent_and_a_lambda_grader(collector, data_dir
     assert {(r["task_id"], r["reward"]) for r in stored.values()} == {("a", 1.0), ("7", 0.0)}
     with pytest.raises(RolloutError, match="no \"id\""):
         run_rollouts([{"prompt": "x"}], "true")
+
+
+NODE_DIR = ROOT / "examples" / "node_agent"
+
+
+@pytest.mark.node
+@pytest.mark.skipif(os.environ.get("CI") != "true" and not (NODE_DIR / "node_modules" / "@opentelemetry").is_dir(),
+                    reason="run `make node-deps` first (CI always runs this test)")
+def test_node_agent_server_through_the_proxy(tmp_path, collector, data_dir, upstream, proxy):  # noqa: F811
+    """Any language: the Node.js agent server, its LLM calls captured by `tracetrain proxy`."""
+    tasks = [{"id": f"mul-{a}-{b}", "prompt": f"What is {a} * {b}?", "answer": str(a * b)} for a, b in ((6, 7), (3, 4))]
+    summary, rows = rollout(tmp_path, collector, None, tasks, "--agent-server", f"node {NODE_DIR / 'rollout_server.js'}",
+                            "-G", "2", "-C", "4", "--grader", GRADER, "--run-id", "node",
+                            TRACETRAIN_PROXY_URL=proxy.url + "/v1", OTEL_NODE_RESOURCE_DETECTORS="env,host,os,process",
+                            OTEL_EXPORTER_OTLP_TIMEOUT="10000")  # milliseconds in JS (seconds in Python's SDK)
+    assert (summary["ok"], summary["mean_reward"]) == (4, 1.0), rows
+    calls = _calls(proxy, data_dir, "episode_id LIKE 'node-%'")
+    assert len(calls) == 8, calls
+    assert all(c["response_token_ids"] and c["agent_name"] == "node-agent" for c in calls)
+    assert {(c["episode_id"], c["task_id"], c["rollout_id"]) for c in calls} == {
+        (f"node-{t['id']}-{k}", t["id"], str(k)) for t in tasks for k in range(2)}
+    stored = episodes(data_dir, "node")
+    assert all(row["reward"] == 1.0 and row["n_llm_calls"] == 2 and not row["has_error"] for row in stored.values())
+    assert all(len(row["trace_ids"]) == 1 for row in stored.values())  # the agent continued the runner's trace
 
 
 def test_capture_environment_is_what_tracetrain_run_builds():
