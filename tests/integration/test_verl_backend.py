@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -158,10 +159,16 @@ def probed(tmp_path_factory) -> dict[str, dict]:
              "ours_groups": advantages.grpo(_groups_table(), eps=1e-6)[0]}
     for name, table in cases.items():
         pq.write_table(table, work / f"{name}.parquet")
+    # docs/scale-out.md's python example runs on the first table (HAND)
+    doc = (ROOT / "docs" / "scale-out.md").read_text()
+    (work / "snippet.py").write_text(re.findall(r"```python\n(.*?)```", doc, re.S)[-1])
     out = subprocess.run([str(VERL_PYTHON), str(PROBE), "convert", str(work), *(str(work / f"{n}.parquet") for n in cases)],
-                         capture_output=True, text=True, timeout=240, env=_probe_env(), cwd=work)
+                         capture_output=True, text=True, timeout=240, cwd=work,
+                         env=_probe_env() | {"TT_DOC_SNIPPET": str(work / "snippet.py")})
     assert out.returncode == 0, out.stderr[-4000:]
-    return {name: json.loads((work / f"{name}.json").read_text()) for name in cases}
+    results = {name: json.loads((work / f"{name}.json").read_text()) for name in cases}
+    results["doc_snippet"] = json.loads((work / "doc_snippet.json").read_text())
+    return results
 
 
 def test_dataproto_has_verl_keys_and_hand_computed_values(probed):
@@ -245,6 +252,17 @@ def test_our_advantages_reach_the_dataproto(probed):
     assert got["dtype"] == "float32"
     np.testing.assert_allclose(got["values"], expected, atol=1e-6)
     np.testing.assert_allclose(expected, [[1, 1], [1, 0], [-1, 0], [0, 0]], atol=1e-5)  # R = 2
+
+
+def test_scale_out_doc_example_runs(probed):
+    """The docs' example: tracetrain's GRPO (e3's row is in a group with spread) reaches verl's batch."""
+    ours, _ = advantages.grpo(HAND, eps=1e-6)
+    expected = ours["advantage"].to_numpy()[:, None] * np.array(HAND_RESPONSE_MASK)
+    got = np.array(probed["doc_snippet"])
+    assert got.shape == (3, 2048)  # the example pads to max_response_len=2048
+    np.testing.assert_allclose(got[:, :5], expected, atol=1e-6)
+    assert not got[:, 5:].any()
+    assert np.abs(expected).max() > 0.9
 
 
 @pytest.mark.parametrize("case", ["ours_multi", "ours_groups"])

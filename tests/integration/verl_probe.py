@@ -1,7 +1,8 @@
 """Runs inside .venv-verl (verl 0.9.1, Ray): converts transitions tables with
 tracetrain.trainer.verl_backend and reports what verl made of them, as JSON.
 
-    verl_probe.py convert OUT_DIR CASE.parquet...   one OUT_DIR/CASE.json per table
+    verl_probe.py convert OUT_DIR CASE.parquet...   one OUT_DIR/CASE.json per table (and
+        OUT_DIR/doc_snippet.json when $TT_DOC_SNIPPET names a python file: run on the first table)
     verl_probe.py ray OUT.json CASE.parquet         the conversion as a Ray task (loopback only)
 
 The test (tests/integration/test_verl_backend.py) runs in the main venv and compares.
@@ -10,6 +11,7 @@ The test (tests/integration/test_verl_backend.py) runs in the main venv and comp
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,7 +113,18 @@ def _loss_agreement(table) -> dict:
     return out
 
 
-def convert(out_dir: Path, paths: list[Path]) -> None:
+def _run_doc_snippet(snippet: Path, table) -> list:
+    """docs/scale-out.md's python block, with `transitions` and `tokenizer` supplied."""
+    from types import SimpleNamespace
+
+    scope = {"transitions": table, "tokenizer": SimpleNamespace(pad_token_id=PAD)}
+    exec(compile(snippet.read_text(), str(snippet), "exec"), scope)  # noqa: S102 - our own docs
+    return scope["batch"].batch["advantages"].tolist()
+
+
+def convert(out_dir: Path, paths: list[Path], snippet: Path | None = None) -> None:
+    if snippet is not None:
+        (out_dir / "doc_snippet.json").write_text(json.dumps(_run_doc_snippet(snippet, pq.read_table(paths[0]))))
     for path in paths:
         result = _verl_checks(pq.read_table(path))
         if path.stem.startswith("ours_"):  # tables that carry tracetrain's advantages
@@ -150,7 +163,8 @@ def ray_smoke(out_path: Path, path: Path) -> None:
 if __name__ == "__main__":
     mode, target, *inputs = sys.argv[1:]
     if mode == "convert":
-        convert(Path(target), [Path(p) for p in inputs])
+        snippet = os.environ.get("TT_DOC_SNIPPET")
+        convert(Path(target), [Path(p) for p in inputs], Path(snippet) if snippet else None)
     elif mode == "ray":
         ray_smoke(Path(target), Path(inputs[0]))
     else:
