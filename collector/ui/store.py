@@ -174,6 +174,7 @@ class UiStore:
         self._built_at_s = 0.0
         self._build_s = 0.0
         self._builder: threading.Thread | None = None
+        self._facets_cache: tuple[int, dict] | None = None
         self.rebuilds = 0
 
     def close(self) -> None:
@@ -264,6 +265,16 @@ class UiStore:
         return answer
 
     def _facets(self) -> dict[str, list]:
+        """Values for the filter menus, computed once per build of the episode table."""
+        built = self.rebuilds
+        cached = self._facets_cache
+        if cached is not None and cached[0] == built:
+            return cached[1]
+        facets = self._compute_facets()
+        self._facets_cache = (built, facets)
+        return facets
+
+    def _compute_facets(self) -> dict[str, list]:
         facets = {}
         for name, column in (("service", "service_name"), ("task", "task_id"), ("agent", "agent_name")):
             facets[name] = [r["v"] for r in self._query(
