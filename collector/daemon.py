@@ -108,6 +108,9 @@ class Collector:
             f"{cfg.grpc_endpoint.rpartition(':')[0]}:{self.grpc_port}" if self.grpc else "off",
             f"{self.http.host}:{self.http_port}" if self.http else "off",
             " (auth token required)" if cfg.auth_token else "")
+        if self.dashboard is not None and self.http is not None:
+            scheme = "https" if cfg.tls_cert_file else "http"
+            logger.info("tracetrain dashboard: %s://%s:%s/ui", scheme, self.http.host, self.http_port)
         return self
 
     def _add_dashboard(self, http: HttpReceiver) -> None:
