@@ -121,7 +121,12 @@ class CallableAgent:
     def start(self, tracing: Any, concurrency: int, timeout_s: float) -> None:
         if self.is_async:  # one event loop runs every coroutine; worker threads wait on their futures
             self.loop = asyncio.new_event_loop()
-            threading.Thread(target=self.loop.run_forever, name="rollout-loop", daemon=True).start()
+            threading.Thread(target=self._serve_loop, args=(self.loop,), name="rollout-loop", daemon=True).start()
+
+    @staticmethod
+    def _serve_loop(loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_forever()  # until close() stops it; an online trainer starts one per rollout batch
+        loop.close()
 
     async def _call_async(self, task: dict, parent: otel_context.Context) -> Any:
         token = otel_context.attach(parent)
