@@ -58,18 +58,41 @@ def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _first_policy_token(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """[B] index (within its row) of each row's first token with mask 1."""
+    """[B] index (within its row) of each row's first token with mask 1; -1 when none."""
     lengths = np.diff(offsets)
     row = np.repeat(np.arange(len(lengths)), lengths)
     local = np.arange(len(mask)) - offsets[row]
-    first = np.full(len(lengths), -1, dtype=np.int64)
     hits = np.flatnonzero(mask == 1)
-    # np.minimum.at keeps the smallest local index per row; rows without a hit stay -1.
-    candidate = np.full(len(lengths), np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(candidate, row[hits], local[hits])
-    has = candidate != np.iinfo(np.int64).max
-    first[has] = candidate[has]
-    return first
+    none = np.iinfo(np.int64).max
+    first = np.full(len(lengths), none, dtype=np.int64)
+    np.minimum.at(first, row[hits], local[hits])  # smallest local index per row
+    return np.where(first == none, -1, first)
+
+
+def _check_widths(n_prompt: np.ndarray, n_response: np.ndarray, width_p: int, width_r: int) -> None:
+    for name, need, width in (("prompt", n_prompt, width_p), ("response", n_response, width_r)):
+        over = np.flatnonzero(need > width)
+        if len(over):
+            raise ValueError(
+                f"{len(over)} row(s) have a {name} longer than {width} tokens "
+                f"(longest {int(need.max())}); drop them or raise max_{name}_len"
+            )
+
+
+def _row_values(transitions: pa.Table, response_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(rewards [B] float64, advantages [B,R] float32 or None when the column is absent/all null)."""
+    rewards = transitions.column("reward").to_numpy(zero_copy_only=False).astype(np.float64)
+    if np.isnan(rewards).any():
+        raise ValueError("transitions column 'reward' has null/NaN rows")
+    if "advantage" not in transitions.column_names:
+        return rewards, None
+    column = transitions.column("advantage")
+    if column.null_count == transitions.num_rows:
+        return rewards, None
+    adv = column.to_numpy(zero_copy_only=False).astype(np.float32)
+    if np.isnan(adv).any():
+        raise ValueError("transitions column 'advantage' is filled for some rows only (null/NaN in others)")
+    return rewards, adv[:, None] * response_mask.astype(np.float32)
 
 
 def pad_rows(
@@ -81,8 +104,9 @@ def pad_rows(
     """Split and pad every row (see PaddedRows); widths default to the longest row.
 
     Raises ValueError on a missing column, a row without any policy token, a NaN reward or
-    behaviour logprob, or a row whose prompt or response is longer than the given maximum
-    (filter those rows upstream; the transitions builder counts them as `too_long`).
+    behaviour logprob, a partly filled `advantage` column, or a row whose prompt or response
+    is longer than the given maximum (filter those rows upstream; the transitions builder
+    counts them as `too_long`).
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in transitions.column_names]
     if missing:
@@ -101,13 +125,7 @@ def pad_rows(
     n_response = lengths - n_prompt
     width_p = int(n_prompt.max(initial=0)) if max_prompt_len is None else int(max_prompt_len)
     width_r = int(n_response.max(initial=0)) if max_response_len is None else int(max_response_len)
-    for name, need, width in (("prompt", n_prompt, width_p), ("response", n_response, width_r)):
-        over = np.flatnonzero(need > width)
-        if len(over):
-            raise ValueError(
-                f"{len(over)} row(s) have a {name} longer than {width} tokens "
-                f"(longest {int(need.max())}); drop them or raise max_{name}_len"
-            )
+    _check_widths(n_prompt, n_response, width_p, width_r)
 
     row = np.repeat(np.arange(n_rows), lengths)
     local = np.arange(len(ids)) - offsets[row]
@@ -137,15 +155,9 @@ def pad_rows(
             "drop them before handing the batch to verl"
         )
 
-    rewards = transitions.column("reward").to_numpy(zero_copy_only=False).astype(np.float64)
-    if np.isnan(rewards).any():
-        raise ValueError("transitions column 'reward' has null/NaN rows")
+    rewards, advantages = _row_values(transitions, response_mask)
     token_rewards = np.zeros((n_rows, width_r), dtype=np.float32)
     token_rewards[np.arange(n_rows), n_response - 1] = rewards
-    advantages = None
-    if "advantage" in transitions.column_names and transitions.column("advantage").null_count == 0:
-        adv = transitions.column("advantage").to_numpy(zero_copy_only=False).astype(np.float32)
-        advantages = adv[:, None] * response_mask.astype(np.float32)
     return PaddedRows(prompts, prompt_mask, responses, response_attention, response_mask, old, token_rewards, advantages)
 
 
@@ -190,6 +202,8 @@ def to_dataproto(
     import torch
     from verl.protocol import DataProto
 
+    if transitions.num_rows == 0:
+        raise ValueError("the transitions table is empty: nothing to hand to verl")
     rows = pad_rows(transitions, pad_token_id, max_prompt_len, max_response_len)
     input_ids = np.concatenate([rows.prompts, rows.responses], axis=1)
     attention = np.concatenate([rows.prompt_mask, rows.response_attention], axis=1)

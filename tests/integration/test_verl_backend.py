@@ -121,10 +121,20 @@ def test_pad_rows_fixed_widths_and_pad_id():
     (lambda t: t.set_column(t.schema.get_field_index("old_logprobs"), "old_logprobs",
                             pa.array([[0, 0, 0, -0.5, -0.25], [0, 0, float("nan")], [0.0] * 6], pa.list_(pa.float32()))),
      "1 row.*unknown \\(NaN\\) behaviour logprobs"),
+    (lambda t: t.set_column(t.schema.get_field_index("advantage"), "advantage", pa.array([1.0, None, 0.5], pa.float32())),
+     "filled for some rows only"),
 ])
 def test_pad_rows_rejects_bad_tables(mutate, message):
     with pytest.raises(ValueError, match=message):
         pad_rows(mutate(HAND), pad_token_id=0)
+
+
+def test_pad_rows_without_advantages_and_empty():
+    no_adv = HAND.set_column(HAND.schema.get_field_index("advantage"), "advantage", pa.nulls(3, pa.float32()))
+    assert pad_rows(no_adv, 0).advantages is None
+    assert pad_rows(HAND.drop_columns(["advantage"]), 0).advantages is None
+    empty = pad_rows(HAND.slice(0, 0), 0)
+    assert empty.prompts.shape == (0, 0) and empty.responses.shape == (0, 0)
 
 
 def test_pad_rows_rejects_rows_over_the_maximum():
