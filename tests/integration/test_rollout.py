@@ -134,13 +134,15 @@ def test_command_agent_per_episode(tmp_path, collector, data_dir, fake_server):
 
 
 def test_command_grader_and_placeholders(tmp_path, collector, data_dir, fake_server):
-    """A shell command agent (no Python start-up): the task in a placeholder, a command grader."""
+    """A shell command agent (no Python start-up, no spans of its own): the task in a placeholder, a command
+    grader; the episodes exist through the runner's own spans."""
     grader = (f"{sys.executable} -c \"import json,os; t=json.loads(os.environ['TRACETRAIN_TASK']); "
               f"a=json.loads(os.environ['TRACETRAIN_ANSWER']); print(1.0 if a == t['prompt'].upper() else 0.25)\"")
     tasks = [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "bye"}]
     summary, rows = rollout(tmp_path, collector, fake_server, tasks, "--agent",
                             "sh -c 'echo noise; echo {prompt} | tr a-z A-Z'", "--grader", grader, "-G", "2",
-                            "--run-id", "sh")
+                            "--run-id", "sh", "--protocol", "http/protobuf",  # the runner's spans over OTLP/HTTP
+                            "--collector", f"http://127.0.0.1:{collector.http_port}")
     assert summary["ok"] == 4 and {r["reward"] for r in rows} == {1.0}
     stored = episodes(data_dir, "sh")
     assert {(r["task_id"], r["rollout_id"], r["reward"]) for r in stored.values()} == {
