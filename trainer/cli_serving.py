@@ -33,15 +33,21 @@ def model_init_command(out: str, size: str, seed: int) -> None:
 @model_group.command("warmup")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A `model init` folder.")
-@click.option("--task", required=True, help="Tool task of the demonstrations: calc or price.")
+@click.option("--task", required=True,
+              help="Tool task of the demonstrations: calc, price, or tools (the demo's: calc +/- and price, 50/50).")
 @click.option("--steps", type=click.IntRange(min=0), default=None,
-              help="Optimiser steps, batch 32 (default 90: an early-stopped warm-up, ~12% greedy calc success on the tiny model).")
+              help="Optimiser steps, batch 32 (default 90: an early-stopped warm-up, ~12% greedy calc success "
+                   "on the tiny model); the maximum with --stop-at-success (default then 1000).")
+@click.option("--stop-at-success", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Stop as soon as greedy multi-turn success on the 128 dev problems reaches this rate (e.g. 0.2).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Steps between dev evaluations with --stop-at-success.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed -> identical weights.")
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Write a warmed copy here (default: replace the weights in --model).")
-def model_warmup_command(model_dir: str, task: str, steps: int | None, seed: int, lr: float,
-                         out: str | None) -> None:
+def model_warmup_command(model_dir: str, task: str, steps: int | None, stop_at_success: float | None,
+                         eval_every: int, seed: int, lr: float, out: str | None) -> None:
     """Short supervised warm-up on a tool task (loss on assistant tokens), so RL starts above zero."""
     try:
         from .warmup import DEFAULT_STEPS, TASKS, save_warmed, warmup
@@ -49,10 +55,15 @@ def model_warmup_command(model_dir: str, task: str, steps: int | None, seed: int
         raise click.ClickException(f"model warmup needs torch and transformers ({exc})") from None
     if task not in TASKS:
         raise click.UsageError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")
-    report = warmup(model_dir, task, DEFAULT_STEPS if steps is None else steps, seed, lr)
+    if steps is None:
+        steps = DEFAULT_STEPS if stop_at_success is None else 1000
+    report = warmup(model_dir, task, steps, seed, lr, stop_at_success=stop_at_success, eval_every=eval_every)
     path = save_warmed(report, model_dir, out)
+    success = ""
+    if report.dev_success is not None:
+        success = ", greedy dev success " + " ".join(f"{k} {v:.1%}" for k, v in report.dev_success.items())
     click.echo(f"warmed {path} on {task}: {report.steps} steps, held-out loss {report.loss_before:.3f} -> "
-               f"{report.loss_after:.3f} ({report.seconds:.1f}s)")
+               f"{report.loss_after:.3f}{success} ({report.seconds:.1f}s)")
 
 @click.command("serve")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
