@@ -190,6 +190,11 @@ class TransitionConfig:
 # ---------------------------------------------------------------- list helpers
 
 
+_LIST_TYPES = {  # the store's types of the token lists
+    sc.COL_PROMPT_TOKEN_IDS: pa.list_(pa.int64()), sc.COL_RESPONSE_TOKEN_IDS: pa.list_(pa.int64()),
+    sc.COL_RESPONSE_LOGPROBS: pa.list_(pa.float64())}
+
+
 def _lengths(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Per-row list length, 0 for NULL lists (int64)."""
     return pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -209,10 +214,11 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def _within(lengths: np.ndarray) -> np.ndarray:
-    """0..len-1 for each segment, concatenated: the position of each value inside its list."""
-    total = int(lengths.sum())
-    return np.arange(total, dtype=np.int64) - np.repeat(_offsets(lengths)[:-1], lengths)
+def _spread(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """starts[i], starts[i]+1, ... (lengths[i] of them) for every i, concatenated."""
+    shift = np.repeat(starts - _offsets(lengths)[:-1], lengths)
+    shift += np.arange(len(shift), dtype=np.int64)
+    return shift
 
 
 def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
@@ -266,31 +272,38 @@ def _assign_rewards(calls: pa.Table, cfg: TransitionConfig, episode: np.ndarray,
     return returns
 
 
-def _skip_reasons(calls: pa.Table, cfg: TransitionConfig, reward: np.ndarray) -> np.ndarray:
+def _list_shapes(calls: pa.Table, order: np.ndarray) -> dict[str, np.ndarray]:
+    """Lengths of the id/logprob lists (and NULL prompts), in ``order``."""
+    return {"prompt": _lengths(calls[sc.COL_PROMPT_TOKEN_IDS])[order],
+            "response": _lengths(calls[sc.COL_RESPONSE_TOKEN_IDS])[order],
+            "logprobs": _lengths(calls[sc.COL_RESPONSE_LOGPROBS])[order],
+            "prompt_null": calls[sc.COL_PROMPT_TOKEN_IDS].is_null().to_numpy(zero_copy_only=False)[order]}
+
+
+def _skip_reasons(head: pa.Table, shapes: dict[str, np.ndarray], cfg: TransitionConfig,
+                  reward: np.ndarray) -> np.ndarray:
     """Reason code per call ('' = keep, 'retokenize', 'nan_logprobs' = keep after patching)."""
-    n = calls.num_rows
-    reason = np.full(n, "", dtype=object)
+    reason = np.full(head.num_rows, "", dtype=object)
 
     def mark(mask: np.ndarray, why: str) -> None:
         reason[(reason == "") & mask] = why
 
     if cfg.agents is not None:
-        mark(~pc.fill_null(pc.is_in(calls[sc.COL_AGENT_NAME], pa.array(list(cfg.agents), pa.string())),
+        mark(~pc.fill_null(pc.is_in(head[sc.COL_AGENT_NAME], pa.array(list(cfg.agents), pa.string())),
                            False).to_numpy(zero_copy_only=False), "agent_not_selected")
     if cfg.drop_error_episodes:
-        mark(_np(calls[HAS_ERROR_COL], False, bool), "error_episode")
+        mark(_np(head[HAS_ERROR_COL], False, bool), "error_episode")
     mark(np.isnan(reward), "no_reward")
     if cfg.current_version is not None and cfg.max_staleness is not None:
-        version = _np(calls[sc.COL_POLICY_VERSION], cfg.current_version, np.int64)
+        version = _np(head[sc.COL_POLICY_VERSION], cfg.current_version, np.int64)
         mark(cfg.current_version - version > cfg.max_staleness, "stale_policy")
-    n_prompt, n_response = _lengths(calls[sc.COL_PROMPT_TOKEN_IDS]), _lengths(calls[sc.COL_RESPONSE_TOKEN_IDS])
-    no_ids = (n_response == 0) | calls[sc.COL_PROMPT_TOKEN_IDS].is_null().to_numpy(zero_copy_only=False)
+    no_ids = (shapes["response"] == 0) | shapes["prompt_null"]
     can_retokenize = cfg.retokenize and cfg.tokenizer is not None
     mark(no_ids, "retokenize" if can_retokenize else "no_token_ids")
     if cfg.max_len is not None:
-        mark(n_prompt + n_response > cfg.max_len, "too_long")
-    bad_logprobs = _lengths(calls[sc.COL_RESPONSE_LOGPROBS]) != n_response
-    mark(bad_logprobs, "nan_logprobs" if cfg.missing_logprobs == "recompute" else "no_logprobs")
+        mark(shapes["prompt"] + shapes["response"] > cfg.max_len, "too_long")
+    mark(shapes["logprobs"] != shapes["response"], "nan_logprobs" if cfg.missing_logprobs == "recompute"
+         else "no_logprobs")
     return reason
 
 
@@ -314,16 +327,17 @@ def _retokenize(row: dict[str, Any], cfg: TransitionConfig) -> tuple[list[int], 
     return (prompt, response) if response else None
 
 
-def _patched_rows(calls: pa.Table, reason: np.ndarray, cfg: TransitionConfig,
+def _patched_rows(calls: pa.Table, order: np.ndarray, reason: np.ndarray, cfg: TransitionConfig,
                   counts: collections.Counter) -> tuple[pa.Table, np.ndarray]:
-    """Calls kept after re-tokenization or with unknown logprobs, ids rebuilt, logprobs NaN.
+    """Id/logprob lists of the calls kept after re-tokenization or with unknown logprobs (NaN).
 
-    Returns the patched table (same columns as ``calls``) and the indices of its rows in ``calls``.
+    Returns a table of the three list columns and the sorted positions of its rows.
     """
     wanted = np.flatnonzero((reason == "retokenize") | (reason == "nan_logprobs"))
-    prompts, responses, logprobs, kept = [], [], [], []
+    lists: dict[str, list] = {name: [] for name in _LIST_TYPES}
+    kept = []
     for i in wanted:
-        row = calls.slice(int(i), 1).to_pylist()[0]
+        row = calls.slice(int(order[i]), 1).to_pylist()[0]
         if reason[i] == "retokenize":
             ids = _retokenize(row, cfg)
             if ids is None:
@@ -336,24 +350,14 @@ def _patched_rows(calls: pa.Table, reason: np.ndarray, cfg: TransitionConfig,
             prompt, response = ids
         else:
             prompt, response = row[sc.COL_PROMPT_TOKEN_IDS], row[sc.COL_RESPONSE_TOKEN_IDS]
-        prompts.append(prompt)
-        responses.append(response)
-        logprobs.append([math.nan] * len(response))
+        for name, values in zip(_LIST_TYPES, (prompt, response, [math.nan] * len(response))):
+            lists[name].append(values)
         kept.append(int(i))
-    table = calls.take(pa.array(kept, pa.int64()))
-    for name, values, kind in ((sc.COL_PROMPT_TOKEN_IDS, prompts, pa.int64()),
-                               (sc.COL_RESPONSE_TOKEN_IDS, responses, pa.int64()),
-                               (sc.COL_RESPONSE_LOGPROBS, logprobs, pa.float64())):
-        column = pa.array(values, pa.list_(kind)).cast(calls.schema.field(name).type)
-        table = table.set_column(table.schema.get_field_index(name), name, column)
+    table = pa.table({name: pa.array(values, _LIST_TYPES[name]) for name, values in lists.items()})
     return table, np.asarray(kept, dtype=np.int64)
 
 
 # ---------------------------------------------------------------- building
-
-
-_LIST_TYPES = {sc.COL_PROMPT_TOKEN_IDS: pa.list_(pa.int64()), sc.COL_RESPONSE_TOKEN_IDS: pa.list_(pa.int64()),
-               sc.COL_RESPONSE_LOGPROBS: pa.list_(pa.float64())}
 
 
 def _normalize(calls: pa.Table) -> pa.Table:
@@ -375,23 +379,32 @@ def build_transitions(calls: pa.Table, cfg: TransitionConfig | None = None) -> t
     counts: collections.Counter = collections.Counter()
     if calls.num_rows == 0:
         return TRANSITION_SCHEMA.empty_table(), counts
-    calls = _normalize(calls).sort_by([(sc.COL_EPISODE_ID, "ascending"), (sc.COL_START_NS, "ascending"),
-                                       (sc.COL_SPAN_ID, "ascending")])
-    episode, index, size = _episode_positions(calls[sc.COL_EPISODE_ID])
-    reward = _assign_rewards(calls, cfg, episode, index, size)
-    calls = (calls.append_column("_reward", pa.array(reward, pa.float64()))
-             .append_column("_call_index", pa.array(index, pa.int32()))
-             .append_column("_calls_to_end", pa.array(size - 1 - index, pa.int32())))
-    reason = _skip_reasons(calls, cfg, reward)
+    calls = _normalize(calls)
+    # sort scalars only; the token lists are gathered once, in their final order, at the end
+    order = pc.sort_indices(calls, sort_keys=[(sc.COL_EPISODE_ID, "ascending"), (sc.COL_START_NS, "ascending"),
+                                              (sc.COL_SPAN_ID, "ascending")]).to_numpy().astype(np.int64)
+    head = calls.drop_columns(list(_LIST_TYPES)).take(order)
+    episode, index, size = _episode_positions(head[sc.COL_EPISODE_ID])
+    reward = _assign_rewards(head, cfg, episode, index, size)
+    head = (head.append_column("_reward", pa.array(reward, pa.float64()))
+            .append_column("_call_index", pa.array(index, pa.int32()))
+            .append_column("_calls_to_end", pa.array(size - 1 - index, pa.int32())))
+    reason = _skip_reasons(head, _list_shapes(calls, order), cfg, reward)
     for why, count in collections.Counter(reason[(reason != "") & (reason != "retokenize")
                                                  & (reason != "nan_logprobs")]).items():
         counts[why] += count
-    patched, _ = _patched_rows(calls, reason, cfg, counts)
-    kept = pa.concat_tables([calls.filter(pa.array(reason == "")), patched])
-    if kept.num_rows == 0:
+    patched, patched_at = _patched_rows(calls, order, reason, cfg, counts)
+    good = np.flatnonzero(reason == "")
+    if len(good) + len(patched_at) == 0:
         return TRANSITION_SCHEMA.empty_table(), counts
-    kept = kept.sort_by([(sc.COL_EPISODE_ID, "ascending"), (sc.COL_AGENT_NAME, "ascending"),
-                         ("_call_index", "ascending")])
+    kept = head.take(pa.array(np.concatenate([good, patched_at])))
+    source = np.concatenate([order[good], calls.num_rows + np.arange(len(patched_at))])
+    final = pc.sort_indices(kept, sort_keys=[(sc.COL_EPISODE_ID, "ascending"), (sc.COL_AGENT_NAME, "ascending"),
+                                             ("_call_index", "ascending")]).to_numpy().astype(np.int64)
+    kept = kept.take(pa.array(final))
+    token_lists = pa.concat_tables([calls.select(list(_LIST_TYPES)), patched]).take(pa.array(source[final]))
+    for name in _LIST_TYPES:
+        kept = kept.append_column(name, token_lists[name])
     return _assemble(kept, cfg.merge), counts
 
 
@@ -401,8 +414,8 @@ def _sequences(kept: pa.Table) -> dict[str, np.ndarray]:
     s_len = p_len + r_len
     s_off = _offsets(s_len)
     seq = np.empty(int(s_off[-1]), dtype=np.int32)
-    seq[np.repeat(s_off[:-1], p_len) + _within(p_len)] = _flat(kept[sc.COL_PROMPT_TOKEN_IDS], np.int32)
-    seq[np.repeat(s_off[:-1] + p_len, r_len) + _within(r_len)] = _flat(kept[sc.COL_RESPONSE_TOKEN_IDS], np.int32)
+    seq[_spread(s_off[:-1], p_len)] = _flat(kept[sc.COL_PROMPT_TOKEN_IDS], np.int32)
+    seq[_spread(s_off[:-1] + p_len, r_len)] = _flat(kept[sc.COL_RESPONSE_TOKEN_IDS], np.int32)
     return {"p_len": p_len, "r_len": r_len, "s_len": s_len, "s_off": s_off, "seq": seq,
             "logprobs": _flat(kept[sc.COL_RESPONSE_LOGPROBS], np.float32)}
 
@@ -424,9 +437,8 @@ def _mergeable(kept: pa.Table, s: dict[str, np.ndarray]) -> np.ndarray:
     if candidates.size == 0:
         return ok
     length = s["s_len"][candidates]  # > 0: every kept call has response ids
-    within = _within(length)
-    earlier = np.repeat(s["s_off"][candidates], length) + within
-    later = np.repeat(s["s_off"][candidates + 1], length) + within
+    earlier = _spread(s["s_off"][candidates], length)
+    later = _spread(s["s_off"][candidates + 1], length)
     mismatches = np.add.reduceat((s["seq"][earlier] != s["seq"][later]).astype(np.int64),
                                  _offsets(length)[:-1])
     ok[candidates] = mismatches == 0
@@ -446,10 +458,10 @@ def _assemble(kept: pa.Table, merge: bool) -> pa.Table:
     # each call's sequence is a prefix of the next one in its chain: the row is the last call's
     row_len = s["s_len"][last]
     row_off = _offsets(row_len)
-    input_ids = s["seq"][np.repeat(s["s_off"][last], row_len) + _within(row_len)]
+    input_ids = s["seq"][_spread(s["s_off"][last], row_len)]
     response_mask = np.zeros(len(input_ids), dtype=np.int8)
     old_logprobs = np.zeros(len(input_ids), dtype=np.float32)
-    targets = np.repeat(row_off[chain] + s["p_len"], s["r_len"]) + _within(s["r_len"])
+    targets = _spread(row_off[chain] + s["p_len"], s["r_len"])
     response_mask[targets] = 1
     old_logprobs[targets] = s["logprobs"]
 
