@@ -91,6 +91,7 @@ def collector_command(config_file: str | None, **overrides) -> None:
 
     Spans are acknowledged only once they are fsynced into Parquet files under
     DATA/spans/, where any process can query them (`tracetrain sql`) at once.
+    The read-only dashboard is served on the HTTP port at /ui (--no-ui: off).
     Stops cleanly on Ctrl-C or SIGTERM.
     """
     from tracetrain.collector.daemon import Collector, limit_malloc_arenas
