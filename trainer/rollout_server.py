@@ -48,7 +48,8 @@ class ServerProcess:
     def __init__(self, argv: list[str], env: dict[str, str], startup_timeout_s: float, index: int):
         self.argv, self.env, self.startup_timeout_s, self.index = argv, env, startup_timeout_s, index
         self.lock = threading.Lock()
-        self.pending: dict[str, concurrent.futures.Future] = {}
+        # episode id -> (its future, the process it was sent to): a dying process fails only its own tasks
+        self.pending: dict[str, tuple[concurrent.futures.Future, subprocess.Popen]] = {}
         self.process: subprocess.Popen | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.timeouts_in_a_row = 0
@@ -88,13 +89,14 @@ class ServerProcess:
                 ready.set()
                 continue
             with self.lock:
-                box = self.pending.pop(str(message.get("episode_id")), None)
-            if box is not None:
-                box.set_result(message)
+                entry = self.pending.pop(str(message.get("episode_id")), None)
+            if entry is not None:
+                entry[0].set_result(message)
         code = process.wait()
         with self.lock:
-            lost, self.pending = self.pending, {}
-        for box in lost.values():
+            lost = [eid for eid, (_, sent_to) in self.pending.items() if sent_to is process]
+            boxes = [self.pending.pop(eid)[0] for eid in lost]
+        for box in boxes:
             box.set_result({"_exited": code})
 
     def _ensure_running(self) -> None:
@@ -114,7 +116,7 @@ class ServerProcess:
         try:
             with self.lock:
                 self._ensure_running()
-                self.pending[spec.episode_id] = box
+                self.pending[spec.episode_id] = (box, self.process)
                 self.process.stdin.write(json.dumps(message) + "\n")
                 self.process.stdin.flush()
         except (OSError, ValueError, RuntimeError) as error:
@@ -144,6 +146,10 @@ class ServerProcess:
             logger.warning("agent server %d: %d timeouts in a row, restarting it", self.index, self.timeouts_in_a_row)
             self.timeouts_in_a_row = 0
             _kill_group(process)
+            try:  # dead before the next task is sent, so that task goes to a fresh process
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
 
     capacity = 1
 

@@ -151,11 +151,13 @@ def test_command_grader_and_placeholders(tmp_path, collector, data_dir, fake_ser
 
 @pytest.mark.slow
 def test_agent_server_crash_is_one_failed_episode_and_a_restart(tmp_path, collector, data_dir, fake_server):
-    tasks = [CALC[0], {"id": "boom", "behave": "crash"}, CALC[1]]
+    """A crashed server is restarted; so is one whose every slot (here 1) timed out."""
+    tasks = [CALC[0], {"id": "boom", "behave": "crash"}, {"id": "stuck", "behave": "hang"}, CALC[1]]
     summary, rows = rollout(tmp_path, collector, fake_server, tasks, "--agent-server",
-                            f"{sys.executable} {AGENT} --server", "-C", "1", "--grader", GRADER, "--run-id", "crash")
-    assert (summary["ok"], summary["failed"]) == (2, 1)
-    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]  # one at a time, in task order
+                            f"{sys.executable} {AGENT} --server", "-C", "1", "--grader", GRADER, "--run-id", "crash",
+                            "--timeout-s", "6")
+    assert (summary["ok"], summary["failed"], summary["timed_out"]) == (2, 1, 1)
+    assert [r["status"] for r in rows] == ["ok", "failed", "timeout", "ok"]  # one at a time, in task order
     assert rows[1]["error"].startswith("agent server exited with code 3")
     stored = episodes(data_dir, "crash")
     assert stored["crash-boom-0"]["has_error"] and stored["crash-calc-4-5-0"]["reward"] == 1.0
