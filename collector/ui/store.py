@@ -218,7 +218,9 @@ class UiStore:
         started_s, started = time.time(), time.perf_counter()
         cursor = self._con.cursor()
         try:
-            columns = ", ".join(EPISODE_COLUMNS)
+            # The keyset cursor needs an end time on every row.
+            columns = ", ".join("coalesce(end_time_unix_nano, start_time_unix_nano, 0) AS end_time_unix_nano"
+                                if c == "end_time_unix_nano" else c for c in EPISODE_COLUMNS)
             reader.run_listing_safe(lambda: cursor.execute(
                 f"CREATE OR REPLACE TABLE _ui_episodes_next AS SELECT {columns} FROM {sc.VIEW_EPISODES}"))
             cursor.execute("CREATE OR REPLACE TABLE _ui_episodes AS SELECT * FROM _ui_episodes_next")

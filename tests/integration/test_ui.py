@@ -7,6 +7,7 @@ import json
 import math
 import os
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
@@ -80,6 +81,8 @@ def test_episode_list_filters_search_and_rewards(filled):
     since_s, until_s = (T0_NS + 25 * 10**9) / 1e9, (T0_NS + 41 * 10**9) / 1e9
     assert _ids(api(port, "episodes", since=since_s)) == ["ep-price-2", "ep-price-1"]
     assert _ids(api(port, "episodes", since=since_s, until=until_s)) == ["ep-price-1"]
+    since_iso = datetime.fromtimestamp(since_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert _ids(api(port, "episodes", since=since_iso)) == ["ep-price-2", "ep-price-1"]
     assert api(port, "episodes", service="nope")["total"] == 0
 
 
