@@ -28,7 +28,7 @@ def _episodes(table: pa.Table, null_task_alone: bool) -> tuple[np.ndarray, np.nd
     n_episodes = len(encoded.dictionary)
     first_row = np.full(n_episodes, len(row_episode), dtype=np.int64)
     np.minimum.at(first_row, row_episode, np.arange(len(row_episode)))
-    head = table.take(pa.array(first_row, pa.int64()))
+    head = table.select(["episode_id", "task_id", "episode_reward", "reward"]).take(pa.array(first_row, pa.int64()))
     score = pc.fill_null(head["episode_reward"], np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
     fallback = pc.fill_null(head["reward"], np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
     score = np.where(np.isnan(score), fallback, score)
@@ -91,8 +91,8 @@ def grpo(table: pa.Table, eps: float = 1e-4) -> tuple[pa.Table, collections.Coun
     g = group[keep_episode]
     advantage[keep_episode] = (score[keep_episode] - mean[g]) / (std[g] + eps)
     keep_row = keep_episode[row_episode]
-    out = _with_advantage(table, advantage[row_episode]).filter(pa.array(keep_row))
-    return out, +counts
+    out = _with_advantage(table, advantage[row_episode])
+    return (out if keep_row.all() else out.filter(pa.array(keep_row))), +counts
 
 
 def baseline(table: pa.Table, gamma: float = 1.0) -> tuple[pa.Table, collections.Counter]:
@@ -114,5 +114,5 @@ def baseline(table: pa.Table, gamma: float = 1.0) -> tuple[pa.Table, collections
     to_end = pc.fill_null(table["calls_to_end"], 0).to_numpy(zero_copy_only=False).astype(np.float64) \
         if "calls_to_end" in table.column_names else np.zeros(table.num_rows)
     row_advantage = advantage[row_episode] * np.power(gamma, to_end)
-    out = _with_advantage(table, row_advantage).filter(pa.array(valid[row_episode]))
-    return out, +counts
+    out = _with_advantage(table, row_advantage)
+    return (out if valid.all() else out.filter(pa.array(valid[row_episode]))), +counts

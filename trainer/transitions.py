@@ -222,7 +222,10 @@ def _spread(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(_offsets(lengths).astype(np.int32)), pa.array(values, value_type))
+    offsets = _offsets(lengths)
+    if offsets[-1] >= 2**31:  # list<...> has int32 offsets: build transitions in smaller pieces
+        raise ValueError(f"{offsets[-1]} tokens in one transitions table; load fewer episodes at a time")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, value_type))
 
 
 def _np(column: pa.ChunkedArray, fill: Any, dtype: Any) -> np.ndarray:
