@@ -135,7 +135,9 @@ def median_ms(base: str, path: str, repeat: int = 5, **params) -> float:
 
 def measure(base: str, data_dir: Path) -> dict:
     out: dict = {}
-    out["episodes_cold_ms"], first = timed_get(base, "/ui/api/episodes", facets=1)
+    # The daemon starts building the episode table at start-up on a store this big; the first
+    # call waits for what is left of that build.
+    out["episodes_first_call_ms"], first = timed_get(base, "/ui/api/episodes", facets=1)
     out["cache_build_s"] = first["cache_build_s"]
     out["episodes_warm_ms"] = median_ms(base, "/ui/api/episodes")
     out["episodes_with_facets_ms"] = median_ms(base, "/ui/api/episodes", facets=1)
@@ -211,8 +213,8 @@ def main() -> None:
                                             "--data", str(data_dir), "--grpc-endpoint", "",
                                             "--http-endpoint", f"127.0.0.1:{port}", "--compact-interval-s", "3600",
                                             "--log-level", "WARNING"], logfile=logfile)
-        wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc, logfile)
-        api = measure(f"http://127.0.0.1:{port}", data_dir)
+        out_ready_s = wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc, logfile)
+        api = {"collector_ready_s": round(out_ready_s, 2), **measure(f"http://127.0.0.1:{port}", data_dir)}
     finally:
         children.stop_all()
     log(f"api: {api}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import threading
 import time
@@ -22,8 +23,10 @@ from typing import Any
 from aiohttp import web
 
 from tracetrain.collector.metrics import CollectorMetrics
-from tracetrain.collector.ui.store import BadQuery, EpisodeFilter, UiStore, parse_time_ns, storage_bytes
+from tracetrain.collector.ui.store import (BadQuery, EpisodeFilter, UiStore, parse_time_ns, storage_bytes,
+                                           store_listing)
 
+logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 SECURITY_HEADERS = {
@@ -34,6 +37,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 LOGIN_ASSETS = ("login.js", "style.css")
+WARM_UP_MIN_SPAN_BYTES = 32 << 20
+"""From this much span Parquet on disk, the episode list is built at start-up, in the dashboard's pool."""
 HEALTH_SAMPLE_INTERVAL_S = 1.0
 HEALTH_HISTORY = 300
 
@@ -118,7 +123,17 @@ class DashboardApi:
         self._store_lock = threading.Lock()
 
     def start(self) -> None:
+        """Start sampling; on a big store, build the episode list now so the first visitor does not wait."""
         self.health_sampler.start()
+        span_bytes = sum(size for _, size, _ in store_listing(self.data_dir))
+        if span_bytes >= WARM_UP_MIN_SPAN_BYTES:
+            self._pool.submit(self._warm_up)
+
+    def _warm_up(self) -> None:
+        try:
+            self.store.refresh_episodes()
+        except Exception:  # the first request will try again and report it
+            logger.exception("building the dashboard's episode list at start-up failed")
 
     def close(self) -> None:
         self.health_sampler.stop()

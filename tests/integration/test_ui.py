@@ -6,7 +6,9 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -243,3 +245,20 @@ def test_a_costly_rebuild_runs_in_the_background_and_answers_stay_available(fill
         assert not after["stale"] and store.rebuilds == 2 and after["episodes"][0]["reward"] == 0.5
     finally:
         store.close()
+
+
+def test_a_big_store_gets_its_episode_list_built_at_start(filled, tmp_path, monkeypatch):
+    from tracetrain.collector.ui import api as ui_api
+
+    monkeypatch.setattr(ui_api, "WARM_UP_MIN_SPAN_BYTES", 1)  # the filled store counts as big
+    shutil.copytree(filled[1], tmp_path / "copy", ignore=shutil.ignore_patterns("_writers"))
+    daemon = make_collector(tmp_path / "copy")
+    try:
+        deadline = time.monotonic() + 30
+        while daemon.dashboard._store is None or daemon.dashboard._store.rebuilds == 0:
+            assert time.monotonic() < deadline, "no episode list built at start-up"
+            time.sleep(0.05)
+        assert api(daemon.http_port, "episodes")["total"] == len(EPISODES)
+        assert daemon.dashboard.store.rebuilds == 1  # the request used the table built at start
+    finally:
+        daemon.stop()
