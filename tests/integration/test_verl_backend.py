@@ -104,6 +104,16 @@ def test_pad_rows_matches_hand_computed_layout():
     np.testing.assert_array_equal(rows.advantages, np.array([0.5, -0.5, 0.25], np.float32)[:, None] * HAND_RESPONSE_MASK)
 
 
+def test_pad_rows_handles_chunked_and_sliced_tables():
+    chunked = pa.concat_tables([HAND.slice(0, 1), HAND.slice(1, 2)])
+    assert chunked["input_ids"].num_chunks == 2
+    rows = pad_rows(chunked, pad_token_id=0)
+    assert rows.prompts.tolist() == HAND_PROMPTS and rows.responses.tolist() == HAND_RESPONSES
+    tail = pad_rows(HAND.slice(1, 2), pad_token_id=0)  # list offsets that do not start at 0
+    assert tail.prompts.tolist() == [[11, 12], [0, 11]]
+    assert tail.responses.tolist() == [[31, 0, 0, 0, 0], [41, 42, 51, 52, 43]]
+
+
 def test_pad_rows_fixed_widths_and_pad_id():
     rows = pad_rows(HAND, pad_token_id=99, max_prompt_len=4, max_response_len=7)
     assert rows.prompts.tolist() == [[99, 11, 12, 13], [99, 99, 11, 12], [99, 99, 99, 11]]
