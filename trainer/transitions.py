@@ -35,6 +35,8 @@ EPISODE_END_COL = "episode_end_time_unix_nano"
 EPISODE_REWARD_COL = "episode_reward"
 CALL_REWARD_COL = "call_reward"
 HAS_ERROR_COL = "has_error"
+FINISH_REASON_COL = "finish_reason"
+TRUNCATED_FINISH_REASONS = ("length", "max_tokens")
 
 TRANSITION_SCHEMA = pa.schema([
     pa.field("episode_id", pa.string()),
@@ -81,8 +83,9 @@ def load_calls(con: Any, *, where: str | None = None, agents: list[str] | None =
     Columns: episode_id, task_id, rollout_id, agent_name, trace_id, span_id,
     start_time_unix_nano, policy_version, prompt_token_ids, response_token_ids,
     response_logprobs, call_reward, episode_reward, episode_end_time_unix_nano, has_error,
-    status_code, and for calls without response ids (re-tokenization) input_messages,
-    output_messages, system_instructions, attributes (NULL on the others).
+    status_code, finish_reason (of the first choice), and for calls without response ids
+    (re-tokenization) input_messages, output_messages, system_instructions, attributes (NULL
+    on the others).
     """
     conditions, params = [], []
     if agents is not None:
@@ -98,6 +101,7 @@ def load_calls(con: Any, *, where: str | None = None, agents: list[str] | None =
     episode_filter = f"WHERE ({where})" if where else ""
     call_filter = ("WHERE " + " AND ".join(conditions)) if conditions else ""
     no_ids = f"c.{sc.COL_RESPONSE_TOKEN_IDS} IS NULL"
+    finish = "'$.\"" + sc.GEN_AI_RESPONSE_FINISH_REASONS + "\"[0]'"
     sql = f"""
         SELECT c.{sc.COL_EPISODE_ID}, coalesce(c.{sc.COL_TASK_ID}, e.{sc.COL_TASK_ID}) AS {sc.COL_TASK_ID},
                coalesce(c.{sc.COL_ROLLOUT_ID}, e.{sc.COL_ROLLOUT_ID}) AS {sc.COL_ROLLOUT_ID},
@@ -106,6 +110,7 @@ def load_calls(con: Any, *, where: str | None = None, agents: list[str] | None =
                c.{sc.COL_RESPONSE_LOGPROBS}, c.call_reward AS {CALL_REWARD_COL},
                e.{sc.COL_REWARD} AS {EPISODE_REWARD_COL}, e.{sc.COL_END_NS} AS {EPISODE_END_COL},
                e.has_error AS {HAS_ERROR_COL}, c.{sc.COL_STATUS_CODE},
+               json_extract_string(c.{sc.COL_ATTRIBUTES}, {finish}) AS {FINISH_REASON_COL},
                CASE WHEN {no_ids} THEN c.{sc.COL_INPUT_MESSAGES} END AS {sc.COL_INPUT_MESSAGES},
                CASE WHEN {no_ids} THEN c.{sc.COL_OUTPUT_MESSAGES} END AS {sc.COL_OUTPUT_MESSAGES},
                CASE WHEN {no_ids} THEN c.{sc.COL_SYSTEM_INSTRUCTIONS} END AS {sc.COL_SYSTEM_INSTRUCTIONS},
@@ -157,6 +162,8 @@ class TransitionConfig:
     current_version / max_staleness: drop calls whose policy_version lags the current one by
         more than ``max_staleness`` versions (``stale_policy``); calls without a version stay.
     drop_error_episodes: drop calls of episodes with an error span (``error_episode``).
+    drop_truncated: drop calls whose response hit the token limit (finish reason ``length``):
+        ``truncated``.
     missing_logprobs: ``skip`` calls with ids but no logprobs (``no_logprobs``), or ``recompute``:
         keep them with NaN old logprobs (the loss then uses the current policy's, detached).
     retokenize: rebuild ids of calls captured without them from their messages (needs
@@ -172,6 +179,7 @@ class TransitionConfig:
     current_version: int | None = None
     max_staleness: int | None = None
     drop_error_episodes: bool = False
+    drop_truncated: bool = False
     missing_logprobs: Literal["skip", "recompute"] = "skip"
     retokenize: bool = False
     tokenizer: Any = None
@@ -297,6 +305,9 @@ def _skip_reasons(head: pa.Table, shapes: dict[str, np.ndarray], cfg: Transition
     if cfg.drop_error_episodes:
         mark(_np(head[HAS_ERROR_COL], False, bool), "error_episode")
     mark(np.isnan(reward), "no_reward")
+    if cfg.drop_truncated and FINISH_REASON_COL in head.column_names:
+        mark(pc.fill_null(pc.is_in(head[FINISH_REASON_COL], pa.array(TRUNCATED_FINISH_REASONS)), False)
+             .to_numpy(zero_copy_only=False), "truncated")
     if cfg.current_version is not None and cfg.max_staleness is not None:
         version = _np(head[sc.COL_POLICY_VERSION], cfg.current_version, np.int64)
         mark(cfg.current_version - version > cfg.max_staleness, "stale_policy")
@@ -513,7 +524,8 @@ CALLS_SCHEMA = pa.schema([
     *(pa.field(name, kind) for name, kind in _LIST_TYPES.items()),
     pa.field(CALL_REWARD_COL, pa.float64()), pa.field(EPISODE_REWARD_COL, pa.float64()),
     pa.field(EPISODE_END_COL, pa.int64()), pa.field(HAS_ERROR_COL, pa.bool_()),
-    pa.field(sc.COL_STATUS_CODE, pa.int8()), pa.field(sc.COL_INPUT_MESSAGES, pa.string()),
+    pa.field(sc.COL_STATUS_CODE, pa.int8()), pa.field(FINISH_REASON_COL, pa.string()),
+    pa.field(sc.COL_INPUT_MESSAGES, pa.string()),
     pa.field(sc.COL_OUTPUT_MESSAGES, pa.string()), pa.field(sc.COL_SYSTEM_INSTRUCTIONS, pa.string()),
     pa.field(sc.COL_ATTRIBUTES, pa.string()),
 ])

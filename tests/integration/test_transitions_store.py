@@ -38,6 +38,8 @@ def _export(port: int, error_episode: str | None = None) -> None:
             span = tracer.start_span("chat tiny", context=_ctx(root), start_time=start, attributes={
                 sc.GEN_AI_OPERATION_NAME: "chat", sc.GEN_AI_AGENT_NAME: agent, sc.INPUT_TOKEN_IDS: prompt,
                 sc.OUTPUT_TOKEN_IDS: response, sc.OUTPUT_LOGPROBS: logprobs, sc.POLICY_VERSION: version})
+            if episode == "ep-b2":
+                span.set_attribute(sc.GEN_AI_RESPONSE_FINISH_REASONS, ["length"])
             if episode == error_episode:
                 span.set_status(Status(StatusCode.ERROR))
             span.end(end_time=start + 10**5)
@@ -107,4 +109,7 @@ def test_error_episode_and_staleness_filters(collector, data_dir):
     cfg = transitions.TransitionConfig(current_version=7, max_staleness=1, agents=("planner",))
     table, skipped = transitions.build_transitions(calls, cfg)
     assert skipped == {"agent_not_selected": 3, "stale_policy": 3} and table.num_rows == 0
+    assert calls["finish_reason"].to_pylist() == [None] * 5 + ["length"]
+    table, skipped = transitions.build_transitions(calls, transitions.TransitionConfig(drop_truncated=True))
+    assert skipped == {"truncated": 1} and table.num_rows == 4
     con.close()
