@@ -126,22 +126,22 @@ def _answers_from_eval(n_wrong: int, calls: list):
 def test_stop_at_success_stops_at_the_first_eval_over_threshold(base, monkeypatch):
     calls = []
     monkeypatch.setattr(tool_eval, "greedy_answers", _answers_from_eval(2, calls))
-    r = warmup.warmup(base, "tools", steps=50, seed=0, stop_at_success=0.9, eval_every=3)
-    assert r.steps == 9 and r.evals == [(3, 0.0), (6, 0.0), (9, 1.0)] and len(calls) == 3
+    r = warmup.warmup(base, "tools", steps=50, seed=0, stop_at_success=0.9, eval_every=1)
+    assert r.steps == 3 and r.evals == [(1, 0.0), (2, 0.0), (3, 1.0)] and len(calls) == 3
     assert r.dev_success["all"] == 1.0
     calls.clear()
     monkeypatch.setattr(tool_eval, "greedy_answers", _answers_from_eval(99, calls))
-    r = warmup.warmup(base, "tools", steps=5, seed=0, stop_at_success=0.9, eval_every=3)
-    assert r.steps == 5 and r.evals == [(3, 0.0), (5, 0.0)]  # the maximum, evaluated at the end too
+    r = warmup.warmup(base, "tools", steps=3, seed=0, stop_at_success=0.9, eval_every=2)
+    assert r.steps == 3 and r.evals == [(2, 0.0), (3, 0.0)]  # the maximum, evaluated at the end too
 
 
 def test_cli_stop_at_success_option(tmp_path, monkeypatch):
     d = model_init.init_model(tmp_path / "m", size="tiny", seed=0)
     monkeypatch.setattr(tool_eval, "greedy_answers", _answers_from_eval(1, []))
     r = CliRunner().invoke(cli_serving.model_group, ["warmup", "--model", str(d), "--task", "tools", "--steps", "9",
-                                                     "--stop-at-success", "0.9", "--eval-every", "2"])
+                                                     "--stop-at-success", "0.9", "--eval-every", "1"])
     assert r.exit_code == 0, r.output
-    assert "on tools: 4 steps" in r.output and "greedy dev success add 100.0% all 100.0%" in r.output
+    assert "on tools: 2 steps" in r.output and "greedy dev success add 100.0% all 100.0%" in r.output
     r = CliRunner().invoke(cli_serving.model_group, ["warmup", "--model", str(d), "--task", "tools",
                                                      "--stop-at-success", "0"])
     assert r.exit_code == 2 and "--stop-at-success" in r.output
