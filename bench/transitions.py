@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
 from tracetrain.collector import store_layout as layout
 from tracetrain.collector.reader import write_views_file
 from tracetrain.collector.schema import SPAN_SCHEMA
@@ -59,7 +58,8 @@ def _episode_calls(rng: np.random.Generator, vocab: int) -> list[tuple[int, np.n
         response = rng.integers(3, vocab, int(rng.integers(20, 60)))
         tool = rng.integers(3, vocab, int(rng.integers(10, 30)))
         calls.append((agent, prompt, response))
-        calls.append((agent, np.concatenate([prompt, response, tool]), rng.integers(3, vocab, int(rng.integers(20, 60)))))
+        second = rng.integers(3, vocab, int(rng.integers(20, 60)))
+        calls.append((agent, np.concatenate([prompt, response, tool]), second))
     return [calls[0], calls[2], calls[1], calls[3]]  # planner, coder, planner, coder
 
 
@@ -107,7 +107,8 @@ def generate_store(data_dir: Path, n_calls: int, seed: int = 0, file_calls: int 
             trace, start = f"{e + 1:032x}", T0_NS + e * 10**9
             for i, (agent, prompt, response) in enumerate(_episode_calls(rng, 32_000)):
                 values = (trace, f"{(e << 4) + i + 1:016x}", "chat bench", 3, start + i * 10**7,
-                          start + i * 10**7 + 10**6, "bench-agent", "chat", 7, f"ep-{e}", f"task-{e // ROLLOUTS_PER_TASK}",
+                          start + i * 10**7 + 10**6, "bench-agent", "chat", 7, f"ep-{e}",
+                          f"task-{e // ROLLOUTS_PER_TASK}",
                           f"r-{e % ROLLOUTS_PER_TASK}", ("planner", "coder")[agent], None, start)
                 for key, value in zip(rows, values):
                     rows[key].append(value)
@@ -163,7 +164,7 @@ def machine() -> dict[str, object]:
 
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
+                                check=False, timeout=10).stdout.strip()
     except OSError:
         commit = None
     return {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -201,7 +202,7 @@ def main() -> None:
         "tokens_forwarded_unmerged": results[0]["tokens_forwarded_unmerged"],
         "merge_saving": results[0]["saving"],
     }
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     out = {"bench": "transitions", "mode": "quick" if args.quick else "full", "time_utc": now.isoformat(),
            "machine": machine(), "load_before": load_before, "load_after": os.getloadavg(),
            "store": store_totals, "generate_s": generate_s, "batch_rows": args.batch_rows, "runs": results,

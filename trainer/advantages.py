@@ -76,7 +76,7 @@ def grpo(table: pa.Table, eps: float = 1e-4) -> tuple[pa.Table, collections.Coun
     group = np.where(no_score, -1, group)
     valid = group >= 0
     n_groups = int(group.max()) + 1
-    count, mean, std = _group_stats(score[valid], group[valid], n_groups, ddof=1)
+    _count, mean, std = _group_stats(score[valid], group[valid], n_groups, ddof=1)
     spread = np.zeros(n_groups)
     if valid.any():
         low = np.full(n_groups, np.inf)

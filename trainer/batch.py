@@ -30,12 +30,12 @@ if TYPE_CHECKING:
 class Batch:
     """B rows of T positions, right-padded."""
 
-    input_ids: "torch.LongTensor"        # [B, T] right-padded with pad_token_id
-    attention_mask: "torch.LongTensor"   # [B, T] 1 on real tokens
-    response_mask: "torch.FloatTensor"   # [B, T] 1.0 where input_ids[b, t] is a trained policy token
-    old_logprobs: "torch.FloatTensor"    # [B, T] behaviour logprob of input_ids[b, t] (0 where mask 0, NaN unknown)
-    advantages: "torch.FloatTensor"      # [B, T] row advantage broadcast over its response tokens
-    policy_versions: "torch.LongTensor"  # [B] (-1 when unknown)
+    input_ids: torch.LongTensor        # [B, T] right-padded with pad_token_id
+    attention_mask: torch.LongTensor   # [B, T] 1 on real tokens
+    response_mask: torch.FloatTensor   # [B, T] 1.0 where input_ids[b, t] is a trained policy token
+    old_logprobs: torch.FloatTensor    # [B, T] behaviour logprob of input_ids[b, t] (0 where mask 0, NaN unknown)
+    advantages: torch.FloatTensor      # [B, T] row advantage broadcast over its response tokens
+    policy_versions: torch.LongTensor  # [B] (-1 when unknown)
     episode_ids: list[str]               # len B
     rows: pa.Table                       # the transitions rows, for lineage and metrics
 
@@ -101,7 +101,7 @@ def to_batch(transitions: pa.Table, pad_token_id: int, max_len: int | None = Non
     )
 
 
-def resolve_old_logprobs(batch: Batch, new_logprobs: "torch.Tensor") -> "torch.Tensor":
+def resolve_old_logprobs(batch: Batch, new_logprobs: torch.Tensor) -> torch.Tensor:
     """``batch.old_logprobs`` with unknown (NaN) entries replaced by ``new_logprobs.detach()``.
 
     new_logprobs: [B, T], same position convention. Returns [B, T].

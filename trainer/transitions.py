@@ -25,7 +25,6 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from tracetrain.instrumentation import semconv as sc
 
 SkipCounts = collections.Counter
@@ -118,7 +117,8 @@ def load_calls(con: Any, *, where: str | None = None, agents: list[str] | None =
         FROM {sc.VIEW_LLM_CALLS} c
         JOIN (SELECT * FROM {sc.VIEW_EPISODES} {episode_filter}) e USING ({sc.COL_EPISODE_ID})
         {call_filter}
-        ORDER BY e.{sc.COL_END_NS}, c.{sc.COL_EPISODE_ID}, c.{sc.COL_START_NS}, c.{sc.COL_SPAN_ID}, c.{sc.COL_TRACE_ID}"""
+        ORDER BY e.{sc.COL_END_NS}, c.{sc.COL_EPISODE_ID}, c.{sc.COL_START_NS}, c.{sc.COL_SPAN_ID},
+                 c.{sc.COL_TRACE_ID}"""
     return _drop_repeated_spans(con.sql(sql, params=params or None).to_arrow_table())
 
 

@@ -9,7 +9,6 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Status, StatusCode
-
 from tracetrain.instrumentation import semconv as sc
 from tracetrain.trainer import advantages, batch, store, transitions
 

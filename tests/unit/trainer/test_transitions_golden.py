@@ -9,7 +9,6 @@ import json
 import math
 
 import pytest
-
 from tracetrain.trainer import advantages, batch, transitions
 from tracetrain.trainer.transitions import TransitionConfig, build_transitions, calls_table
 
@@ -168,8 +167,9 @@ def test_empty_input():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tests.integration.fake_upstream import build_tiny_tokenizer
     from tracetrain.trainer.tokenizer_chat import load_tokenizer
+
+    from tests.integration.fake_upstream import build_tiny_tokenizer
 
     return load_tokenizer(str(build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))))
 

@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow.compute as pc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from tracetrain.trainer import advantages, batch
 from tracetrain.trainer.transitions import TransitionConfig, build_transitions, calls_table
 
