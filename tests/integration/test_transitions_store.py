@@ -95,6 +95,7 @@ def test_sdk_spans_become_transitions_advantages_and_a_batch(collector, data_dir
         "ep-b1", "ep-b2"}
     assert transitions.load_calls(con, where="reward > 0.7")["span_id"].length() == 2
     assert transitions.load_calls(con, agents=["coder"])["agent_name"].to_pylist() == ["coder"] * 3
+    assert transitions.load_calls(con, episode_ids=["ep-a2"])["span_id"].length() == 2
     con.close()
 
 
