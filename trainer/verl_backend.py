@@ -80,16 +80,15 @@ def _check_widths(n_prompt: np.ndarray, n_response: np.ndarray, width_p: int, wi
 
 
 def _row_values(transitions: pa.Table, response_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(rewards [B] float64, advantages [B,R] float32 or None when the column is absent/all null)."""
+    """(rewards [B] float64, advantages [B,R] float32 or None when the column is absent/all null or NaN)."""
     rewards = transitions.column("reward").to_numpy(zero_copy_only=False).astype(np.float64)
     if np.isnan(rewards).any():
         raise ValueError("transitions column 'reward' has null/NaN rows")
     if "advantage" not in transitions.column_names:
         return rewards, None
-    column = transitions.column("advantage")
-    if column.null_count == transitions.num_rows:
+    adv = transitions.column("advantage").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN
+    if np.isnan(adv).all():  # not computed yet (build_transitions leaves it NaN)
         return rewards, None
-    adv = column.to_numpy(zero_copy_only=False).astype(np.float32)
     if np.isnan(adv).any():
         raise ValueError("transitions column 'advantage' is filled for some rows only (null/NaN in others)")
     return rewards, adv[:, None] * response_mask.astype(np.float32)

@@ -143,6 +143,8 @@ def test_pad_rows_without_advantages_and_empty():
     no_adv = HAND.set_column(HAND.schema.get_field_index("advantage"), "advantage", pa.nulls(3, pa.float32()))
     assert pad_rows(no_adv, 0).advantages is None
     assert pad_rows(HAND.drop_columns(["advantage"]), 0).advantages is None
+    all_nan = HAND.set_column(HAND.schema.get_field_index("advantage"), "advantage", pa.array([float("nan")] * 3, pa.float32()))
+    assert pad_rows(all_nan, 0).advantages is None
     empty = pad_rows(HAND.slice(0, 0), 0)
     assert empty.prompts.shape == (0, 0) and empty.responses.shape == (0, 0)
 
@@ -170,13 +172,30 @@ def _probe_env() -> dict[str, str]:
     return env
 
 
+def _store_transitions(data_dir: Path) -> pa.Table:
+    """Real spans (OTel SDK -> collector -> store) built into transitions by the trainer."""
+    from tests.conftest import make_collector
+    from tests.integration.test_transitions_store import _export
+    from tracetrain.trainer import store, transitions
+
+    daemon = make_collector(data_dir)
+    try:
+        _export(daemon.grpc_port)
+    finally:
+        daemon.stop()
+    table, _ = transitions.build_transitions(transitions.load_calls(store.connect(data_dir)))
+    return table
+
+
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory) -> dict[str, dict]:
     _need_verl_venv()
     work = tmp_path_factory.mktemp("verl")
+    from_store = _store_transitions(work / "data")
     # ours_multi: MULTI with tracetrain's own GRPO advantages filled in
     cases = {"hand": HAND, "groups": _groups_table(), "multi": MULTI, "ours_multi": advantages.grpo(MULTI, eps=1e-6)[0],
-             "ours_groups": advantages.grpo(_groups_table(), eps=1e-6)[0]}
+             "ours_groups": advantages.grpo(_groups_table(), eps=1e-6)[0],
+             "store": from_store, "ours_store": advantages.grpo(from_store, eps=1e-6)[0]}
     for name, table in cases.items():
         pq.write_table(table, work / f"{name}.parquet")
     # docs/scale-out.md's python example runs on the first table (HAND)
@@ -285,7 +304,30 @@ def test_scale_out_doc_example_runs(probed):
     assert np.abs(expected).max() > 0.9
 
 
-@pytest.mark.parametrize("case", ["ours_multi", "ours_groups"])
+def test_transitions_from_the_store_convert(probed):
+    """Spans -> collector -> store -> build_transitions -> DataProto (episodes of test_transitions_store)."""
+    result = probed["store"]["dataproto"]
+    non_tensor = result["non_tensor_batch"]
+    rows = {(e, c): i for i, (e, c) in enumerate(zip(non_tensor["episode_id"], non_tensor["call_index"]))}
+    assert set(rows) == {("ep-a1", 0), ("ep-a2", 0), ("ep-a2", 1), ("ep-b1", 0), ("ep-b2", 0)}
+    assert "advantages" not in result["batch"]  # build_transitions leaves the column NaN
+    merged = rows[("ep-a1", 0)]  # two calls merged: prompt [1 2], answer [3 4], tool token 9, answer [5]
+    batch = result["batch"]
+    width_p = batch["prompts"]["shape"][1]
+    assert batch["prompts"]["values"][merged][-2:] == [1, 2]
+    assert batch["responses"]["values"][merged][:4] == [3, 4, 9, 5]
+    assert batch["response_mask"]["values"][merged][:4] == [1, 1, 0, 1]
+    np.testing.assert_allclose(batch["rollout_log_probs"]["values"][merged][:4], [-0.1, -0.2, 0.0, -0.3], atol=1e-6)
+    assert batch["token_level_rewards"]["values"][merged][3] == 1.0
+    assert non_tensor["uid"][merged] == "task-a" and non_tensor["agent_name"][merged] == "planner"
+    assert non_tensor["policy_version"][merged] == 5 and width_p == 2
+    # verl's GRPO on these rows: task-a has ep-a1 (1 row, score 1) and ep-a2 (2 rows, score 0):
+    # per row scores 1, 0, 0 -> verl differs from ours (per episode: +-0.707) as documented
+    verl_a1 = probed["store"]["grpo_rows_eps1e-06"][merged]
+    assert verl_a1 == pytest.approx((1 - 1 / 3) / (np.sqrt(1 / 3) + 1e-6), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["ours_multi", "ours_groups", "ours_store"])
 def test_verl_ppo_clip_loss_equals_ours_on_the_same_rows(probed, case):
     """verl's 'vanilla' policy loss (clip 0.2, dual clip 3, token-mean) = tracetrain's ppo_clip_loss."""
     loss = probed[case]["loss"]
