@@ -194,8 +194,9 @@ def to_dataproto(
     old_log_probs [B,R] = the same values when `old_log_probs_from_rollout` (verl's bypass
     mode; pass False when verl recomputes them, or its `union` would see two versions),
     rm_scores = token_level_scores = token_level_rewards [B,R] (row reward on the last real
-    response token), advantages [B,R] when the table has a non-null `advantage` column. non_tensor_batch: uid (= task_id, the GRPO group),
-    episode_id, task_id, rollout_id, agent_name, trace_id, call_index, policy_version.
+    response token), advantages [B,R] when the table's `advantage` column is filled.
+    non_tensor_batch: uid (= task_id, the GRPO group), episode_id, task_id, rollout_id,
+    agent_name, trace_id, call_index, policy_version.
     meta_info: pad_token_id, global_token_num (per-row real tokens) plus `meta_info`.
     """
     import torch
