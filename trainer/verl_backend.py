@@ -3,7 +3,7 @@
 Runs in `.venv-verl` (`make verl-env`: verl 0.9.1 + Ray on torch 2.13.0); verl and torch are
 imported inside the functions, so importing this module costs only NumPy/Arrow.
 
-`to_dataproto` turns a transitions table (docs: TRAINER_API "Transitions table") into a
+`to_dataproto` turns a transitions table (`tracetrain.trainer.transitions`) into a
 `verl.protocol.DataProto` with verl's batch keys: each row is split at its first policy
 token into a left-padded prompt and a right-padded response, the way verl's agent loop
 lays out a batch. The GRPO group id `uid` is the row's task id, so `compute_grpo_advantages`
@@ -12,7 +12,9 @@ and `compute_advantage_like_ray_trainer` run verl's own `core_algos` on our rows
 Difference from `tracetrain.trainer.advantages.grpo`: verl normalizes one score per *row*
 (response), ours one score per *episode*. With one row per episode (single-call
 episodes, or multi-call episodes merged into one sequence) they agree; with several rows
-per episode verl counts the episode several times in the group statistics.
+per episode verl counts the episode several times in the group statistics. verl also keeps
+zero-variance groups (advantage 0) and single-episode groups (the raw score), which ours
+drops. See docs/scale-out.md.
 """
 
 from __future__ import annotations
