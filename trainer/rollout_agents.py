@@ -35,16 +35,14 @@ from typing import Any, Protocol
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from tracetrain.instrumentation import semconv as sc
+# A command agent is launched exactly as `tracetrain run` launches one.
+from tracetrain.instrumentation.cli import child_environment as capture_environment
 
 OK, FAILED, TIMEOUT = "ok", "failed", "timeout"
 CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 TASK_ENV = "TRACETRAIN_TASK"
 TRACEPARENT_ENV = "TRACEPARENT"
 PLACEHOLDERS = ("{task}", "{prompt}", "{task_id}", "{episode_id}", "{rollout_id}")
-# Set by `tracetrain run` too (instrumentation/env.py); a test keeps the two launchers equal.
-ID_ENV = {sc.EPISODE_ID: "TRACETRAIN_EPISODE_ID", sc.TASK_ID: "TRACETRAIN_TASK_ID",
-          sc.ROLLOUT_ID: "TRACETRAIN_ROLLOUT_ID"}
 
 
 @dataclass
@@ -165,38 +163,6 @@ class CallableAgent:
     def close(self) -> None:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-def auto_instrumentation_dir() -> str:
-    """OpenTelemetry's folder with the auto-instrumentation ``sitecustomize.py``."""
-    spec = importlib.util.find_spec("opentelemetry.instrumentation.auto_instrumentation")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("opentelemetry-instrumentation is not installed: pip install tracetrain")
-    return str(Path(next(iter(spec.submodule_search_locations))).resolve())
-
-
-def capture_environment(base: dict[str, str], collector: str, protocol: str | None, service_name: str | None,
-                        ids: dict[str, str | None]) -> dict[str, str]:
-    """A child's environment with zero-code capture on, as ``tracetrain run`` builds it. Pure."""
-    child = dict(base)
-    site_dir = auto_instrumentation_dir()
-    python_path = [p for p in child.get("PYTHONPATH", "").split(os.pathsep) if p and p != site_dir]
-    child["PYTHONPATH"] = os.pathsep.join([site_dir, *python_path])
-    child["OTEL_EXPORTER_OTLP_ENDPOINT"] = collector
-    if protocol:
-        child["OTEL_EXPORTER_OTLP_PROTOCOL"] = protocol
-    if service_name:
-        child["OTEL_SERVICE_NAME"] = service_name
-    child.setdefault("OTEL_PYTHON_DISTRO", "tracetrain")
-    child.setdefault("OTEL_PYTHON_CONFIGURATOR", "tracetrain")
-    from urllib.parse import quote
-    pairs = [f"{key}={quote(value, safe='')}" for key, value in ids.items() if value]
-    existing = child.get("OTEL_RESOURCE_ATTRIBUTES", "").strip().strip(",")
-    child["OTEL_RESOURCE_ATTRIBUTES"] = ",".join([p for p in (existing,) if p] + pairs)
-    for key, variable in ID_ENV.items():
-        if ids.get(key):
-            child[variable] = ids[key]
-    return child
 
 
 def traceparent(span: trace.Span) -> str:

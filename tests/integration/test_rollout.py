@@ -19,10 +19,9 @@ from tests.integration.test_capture_examples import load_fake_server_module
 from tests.integration.test_proxy import _calls, make_proxy, proxy, upstream  # noqa: F401 - fixtures
 from tracetrain.collector.reader import query
 from tracetrain.instrumentation import semconv as sc
-from tracetrain.instrumentation.cli import child_environment
 from tracetrain.trainer.cli_rollout import rollout_command
 from tracetrain.trainer.rollout import CommandAgent, RolloutError, run_rollouts
-from tracetrain.trainer.rollout_agents import capture_environment, parse_result_line
+from tracetrain.trainer.rollout_agents import parse_result_line
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -200,13 +199,6 @@ def test_node_agent_server_through_the_proxy(tmp_path, collector, data_dir, upst
     stored = episodes(data_dir, "node")
     assert all(row["reward"] == 1.0 and row["n_llm_calls"] == 2 and not row["has_error"] for row in stored.values())
     assert all(len(row["trace_ids"]) == 1 for row in stored.values())  # the agent continued the runner's trace
-
-
-def test_capture_environment_is_what_tracetrain_run_builds():
-    base = {"PATH": "/bin", "PYTHONPATH": "/x", "OTEL_RESOURCE_ATTRIBUTES": "deployment=dev"}
-    ids = {sc.EPISODE_ID: "e 1", sc.TASK_ID: "t/2", sc.ROLLOUT_ID: "0"}
-    assert capture_environment(base, "http://c:4317", "grpc", "svc", ids) == \
-        child_environment(base, "http://c:4317", "grpc", "svc", ids)
 
 
 def test_result_line_parsing():
