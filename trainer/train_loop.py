@@ -282,10 +282,19 @@ def _load(cfg: TrainConfig, con: Any, session: Any, after: tuple[int, str] | Non
     return calls, transitions, skips
 
 
-def _nothing_message(calls: pa.Table, skips: Counter) -> str:
+def _nothing_message(calls: pa.Table, skips: Counter, con: Any = None, cfg: TrainConfig | None = None) -> str:
     n_episodes = len(set(calls["episode_id"].to_pylist())) if calls.num_rows else 0
-    return (f"nothing trainable: {n_episodes} episodes / {calls.num_rows} LLM calls selected; "
+    text = (f"nothing trainable: {n_episodes} episodes / {calls.num_rows} LLM calls selected; "
             f"left out: {describe_skips(skips)}")
+    if calls.num_rows == 0 and con is not None and cfg is not None:
+        # say what the store holds, so a wrong --where / --agent is obvious
+        where = f" WHERE ({cfg.where})" if cfg.where else ""
+        matching = con.execute(f"SELECT count(*) FROM episodes{where}").fetchone()[0]
+        total = con.execute("SELECT count(*) FROM episodes").fetchone()[0]
+        agents = [r[0] for r in con.execute("SELECT DISTINCT agent_name FROM llm_calls ORDER BY 1").fetchall()]
+        text += (f" (the store has {total} episodes, {matching} match --where; agents with LLM calls: "
+                 f"{', '.join(str(a) for a in agents) or 'none'}; --agent: {', '.join(cfg.agents) or 'all'})")
+    return text
 
 
 def _offline(cfg: TrainConfig, con: Any, session: Any, report: TrainReport, stop: threading.Event,
@@ -306,7 +315,7 @@ def _offline(cfg: TrainConfig, con: Any, session: Any, report: TrainReport, stop
         if not batches:
             report.stop_reason = "nothing_trainable"
             report.skipped.update(skips + plan_skips)
-            report.message = _nothing_message(calls, skips + plan_skips)
+            report.message = _nothing_message(calls, skips + plan_skips, con, cfg)
             raise NothingToTrain(report.message)
         total = total or (cfg.max_steps if cfg.max_steps is not None else len(batches) * cfg.data_epochs)
         if state.batch_in_epoch >= len(batches):
