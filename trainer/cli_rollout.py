@@ -41,16 +41,30 @@ import click
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Write one JSON line per episode here (ids, status, answer, reward, error, duration).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="Run this many rounds of --tasks-per-round fresh tasks (online RL) instead of every task once.")
+@click.option("--tasks-per-round", type=click.IntRange(min=1), default=16, show_default=True,
+              help="With --rounds: tasks drawn per round (seeded shuffle, each task used once per pass).")
+@click.option("--await-policy", "policy_url", metavar="URL", default=None,
+              help="With --rounds: after each round wait until this `tracetrain serve` endpoint answers with a "
+                   "newer policy version (on-policy rounds).")
+@click.option("--policy-timeout-s", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="With --await-policy: give up after this long without a new version.")
+@click.option("--seed", type=int, default=0, show_default=True, help="With --rounds: seed of the task order.")
 def rollout_command(tasks_path, agent, agent_server, server_processes, group_size, concurrency, grader, timeout_s,
-                    failure_reward, collector, protocol, run_id, agent_name, service_name, out_path, quiet):
+                    failure_reward, collector, protocol, run_id, agent_name, service_name, out_path, quiet,
+                    rounds, tasks_per_round, policy_url, policy_timeout_s, seed):
     """Run an unchanged agent on every task G times, each run captured as an episode, and grade it.
 
     \b
     tracetrain rollout --tasks tasks.jsonl --agent "python agent.py {prompt}" --grader grade.py:score -G 4 -C 16
     tracetrain rollout --tasks tasks.jsonl --agent my_agent:solve --group-size 8 --concurrency 64
     tracetrain rollout --tasks tasks.jsonl --agent-server "node agent.js --serve" --server-processes 2
+    tracetrain rollout --tasks train.jsonl --agent my_agent:solve -G 8 -C 32 \\
+        --rounds 100 --tasks-per-round 16 --await-policy http://127.0.0.1:8000
     A crashed, failing or hung run is recorded as a failed episode and the others go on.
-    Prints a JSON summary: episodes ok / failed / timed out, mean reward, episodes/s.
+    Prints a JSON summary: episodes ok / failed / timed out, mean reward, episodes/s
+    (with --rounds, one line per round).
     """
     from .rollout import RolloutError, load_tasks, run_rollouts
     from .rollout_server import ServerAgent
@@ -62,6 +76,12 @@ def rollout_command(tasks_path, agent, agent_server, server_processes, group_siz
         target = ServerAgent(agent_server, server_processes, service_name) if agent_server else agent
     except (RolloutError, ValueError) as error:
         raise click.UsageError(str(error)) from None
+    if rounds is not None:
+        _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, policy_url, policy_timeout_s, seed,
+                            dict(concurrency=concurrency, collector=collector, protocol=protocol, grader=grader,
+                                 timeout_s=timeout_s, failure_reward=failure_reward, agent_name=agent_name,
+                                 service_name=service_name), run_id, out_path)
+        return
     out = open(out_path, "w") if out_path else None  # noqa: SIM115 - closed below
     total = len(tasks) * group_size
     bar = click.progressbar(length=total, label="episodes", file=sys.stderr) if not quiet else None
@@ -88,3 +108,33 @@ def rollout_command(tasks_path, agent, agent_server, server_processes, group_siz
     click.echo(json.dumps(summary.to_json()))
     if summary.n_ok == 0:
         sys.exit(1)
+
+
+def _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, policy_url, policy_timeout_s, seed,
+                        options, run_id, out_path) -> None:
+    """``--rounds``: one JSON summary line per round, results appended to ``--out``."""
+    import uuid
+
+    from .rollout import RolloutError
+    from .rollout_rounds import PolicyWaitTimeout, run_rounds
+
+    out = open(out_path, "w") if out_path else None  # noqa: SIM115 - closed below
+
+    def on_round(index, summary, version) -> None:
+        if out:
+            for result in summary.results:
+                out.write(json.dumps({"round": index, **result.to_json()}, default=str) + "\n")
+            out.flush()
+        click.echo(json.dumps({"round": index, "policy_version": version, **summary.to_json()}))
+
+    try:
+        run_rounds(tasks, target, rounds=rounds, tasks_per_round=tasks_per_round, group_size=group_size,
+                   run_id=run_id or uuid.uuid4().hex[:8], policy_url=policy_url, policy_timeout_s=policy_timeout_s,
+                   seed=seed, on_round=on_round, **options)
+    except RolloutError as error:
+        raise click.UsageError(str(error)) from None
+    except PolicyWaitTimeout as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        if out:
+            out.close()
