@@ -83,12 +83,13 @@ test-fast: install  ## unit tests only
 demo: install  ## the main job on embedded defaults
 	$(PY) examples/demo.py
 
-bench: install serve-env  ## ingest, serving, rollout, transitions and dashboard benchmarks -> bench/results/*.json
+bench: install serve-env  ## ingest, serving, rollout, transitions, dashboard and trainer benchmarks -> bench/results/*.json
 	$(PY) bench/ingest.py
 	$(PY) bench/serving.py
 	$(PY) bench/rollout.py
 	$(PY) bench/transitions.py
 	$(PY) bench/ui.py
+	$(PY) bench/trainer.py
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) $(VERL_VENV) build *.egg-info tracetrain-data bench/work

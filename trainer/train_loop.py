@@ -335,27 +335,34 @@ def _online(cfg: TrainConfig, con: Any, session: Any, report: TrainReport, stop:
     state = session.state
     session.push_on_resume()
     last_wait = ""
+    # Batches ready at the last poll beyond the one trained: with a backlog, train them without
+    # re-reading the store each step (a new poll sees new data at the latest once they are used).
+    # With max_staleness set, poll every step so staleness is judged against the current version.
+    backlog: list[list[str]] = []
+    calls = transitions = None
     while not stop.is_set():
         if cfg.max_steps is not None and state.step >= cfg.max_steps:
             report.stop_reason = "max_steps"
             return
-        calls, transitions, skips = _load(cfg, con, session, after=state.watermark)
-        batches, plan_skips = plan_batches(transitions, cfg, grouped, complete_only=True)
-        decided = decided_episodes(calls, transitions)
-        if not batches:
+        step_skips: Counter = Counter()
+        if not backlog or cfg.max_staleness is not None:
+            calls, transitions, skips = _load(cfg, con, session, after=state.watermark)
+            backlog, plan_skips = plan_batches(transitions, cfg, grouped, complete_only=True)
+            decided = decided_episodes(calls, transitions)
+            step_skips = skips + plan_skips
             if decided - state.consumed:
                 state.consumed |= decided
                 state.watermark, state.consumed = advance_watermark(calls, state.consumed, state.watermark)
-            wait = f"waiting for episodes (step {state.step}): {_nothing_message(calls, skips + plan_skips)}"
-            if wait != last_wait:
-                _progress(cfg, wait, progress)
-                last_wait = wait
-            stop.wait(cfg.poll_interval_s)
-            continue
-        ids = batches[0]
-        state.consumed |= set(ids) | decided
+            if not backlog:
+                wait = f"waiting for episodes (step {state.step}): {_nothing_message(calls, step_skips)}"
+                if wait != last_wait:
+                    _progress(cfg, wait, progress)
+                    last_wait = wait
+                stop.wait(cfg.poll_interval_s)
+                continue
+        ids = backlog.pop(0)
+        state.consumed |= set(ids)
         state.watermark, state.consumed = advance_watermark(calls, state.consumed, state.watermark)
-        step_skips = skips + plan_skips
         row = session.step(filter_episodes(transitions, ids), ids, step_skips)
         _after_step(cfg, report, row, step_skips, cfg.max_steps, progress)
         last_wait = ""
