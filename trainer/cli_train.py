@@ -82,7 +82,11 @@ def _run_apo(cfg: TrainConfig) -> None:
         raise click.ClickException(f"--algo apo needs tracetrain.trainer.apo, which is not available here ({exc})")
     if not hasattr(apo, "run_apo"):
         raise click.ClickException("tracetrain.trainer.apo has no run_apo(cfg)")
-    result = apo.run_apo(cfg)
+    known = tuple(e for e in (getattr(apo, "ApoError", None), getattr(apo, "ChatError", None)) if isinstance(e, type))
+    try:
+        result = apo.run_apo(cfg)
+    except known + (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
     if result is not None:
         click.echo(str(result))
 

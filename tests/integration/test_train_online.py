@@ -201,3 +201,30 @@ def test_lora_one_adapter_per_agent_trains_only_its_own(tiny, tmp_path):
     rows = con.sql("SELECT agent_name, n_episodes FROM train_steps WHERE run_id = 'r'").fetchall()
     con.close()
     assert rows == [("planner", 4)]  # the other agent's episodes were not selected
+
+
+@pytest.mark.parametrize("algo", ["ppo", "sft"])
+def test_offline_ppo_and_sft_train_from_the_store(tiny, tmp_path, algo):
+    data = tmp_path / "data"
+    collector = make_collector(data)
+    try:
+        export_episodes(collector.grpc_port, synthetic("s", 2, 4, 11), time.time_ns())
+    finally:
+        collector.stop()
+    where = "reward >= 1" if algo == "sft" else None  # SFT clones the rewarded episodes only
+    cfg = TrainConfig(data_dir=str(data), model_dir=str(tiny), algo=algo, batch_episodes=4, group_size=1,
+                      where=where, run_id="r", out_dir=str(tmp_path / "run"), threads=1)
+    report = train(cfg, progress=False)
+    assert report.stop_reason == "data_exhausted"
+    assert report.steps_done == (1 if algo == "sft" else 2)
+    for row in report.rows:
+        assert row["algo"] == algo and row["n_tokens"] == 4 * 11 and math.isfinite(row["loss"])
+    if algo == "sft":  # NLL of random tokens under a random-init model: around log(512) = 6.2 nats
+        assert 4 < report.rows[0]["loss"] < 10 and report.rows[0]["reward_mean"] == 1.0
+
+
+def test_algo_apo_dispatches_to_apo(tmp_path):
+    from click.testing import CliRunner
+    from tracetrain.trainer.cli_train import train_command
+    r = CliRunner().invoke(train_command, ["--data", str(tmp_path), "--algo", "apo"])
+    assert r.exit_code == 1 and "APO needs --critic-url" in r.output and "Traceback" not in r.output
