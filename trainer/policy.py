@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -172,10 +173,9 @@ def save_checkpoint(policy: Policy, optimizers: dict[str | None, Any], state: di
     tmp.mkdir()
     if policy.lora is None:
         policy.model.save_pretrained(str(tmp / "model"), safe_serialization=True)
-        for name in TOKENIZER_FILES:
-            if (Path(policy.model_dir) / name).exists():
-                shutil.copy2(Path(policy.model_dir) / name, tmp / "model" / name)
+        linked = _link_files(Path(policy.model_dir), tmp / "model", TOKENIZER_FILES)
     else:
+        linked = set()
         for key in policy.agents:
             policy.save_adapter(key, tmp / "adapters" / policy.adapters[key])
     (tmp / "optim").mkdir()
@@ -183,7 +183,7 @@ def save_checkpoint(policy: Policy, optimizers: dict[str | None, Any], state: di
         torch.save(opt.state_dict(), tmp / "optim" / f"{adapter_name(key)}.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, sort_keys=True))
     for f in tmp.rglob("*"):
-        if f.is_file():
+        if f.is_file() and f not in linked:  # hard links share the (already durable) source's data
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
@@ -195,10 +195,24 @@ def save_checkpoint(policy: Policy, optimizers: dict[str | None, Any], state: di
         os.fsync(fh.fileno())
     os.replace(latest_tmp, out / LATEST_FILE)
     _fsync_dir(out)
-    for old in sorted(out.glob("step-*"))[:-keep] if keep > 0 else []:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    stale = [old for old in (sorted(out.glob("step-*"))[:-keep] if keep > 0 else []) if old != final]
+    if stale:  # deleting is slow on some filesystems and nothing waits for it: do it off the step's path
+        threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in stale], daemon=True).start()
     return final
+
+
+def _link_files(src: Path, dest: Path, names: Sequence[str]) -> set[Path]:
+    """Hard-link (else copy) ``names`` present in ``src`` into ``dest``; returns the linked paths."""
+    linked = set()
+    for name in names:
+        if not (src / name).exists():
+            continue
+        try:
+            os.link(src / name, dest / name)
+            linked.add(dest / name)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copy2(src / name, dest / name)
+    return linked
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
