@@ -136,6 +136,9 @@ def plot_steps(rows: list[dict[str, Any]], out: str) -> None:
             xs = [p["step"] for p in points if p[column] is not None]
             ys = [p[column] for p in points if p[column] is not None]
             ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+        if not any(p[column] is not None for points in series.values() for p in points):
+            ax.text(0.5, 0.5, "not computed" + (" (--kl-beta 0)" if column == "kl" else ""), ha="center",
+                    va="center", transform=ax.transAxes, color="gray")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
