@@ -78,23 +78,25 @@ def fill_store(data: Path, steps: int, version: int = 0) -> None:
 
 def run_online(model: Path, data: Path, out: Path, steps: int, **kw) -> list[dict]:
     cfg = TrainConfig(data_dir=str(data), model_dir=str(model), online=True, group_size=GROUP,
-                      batch_episodes=TASKS * GROUP, max_steps=steps, poll_interval_s=0.05, run_id="bench",
+                      batch_episodes=TASKS * GROUP, max_steps=steps, poll_interval_s=0.05, run_id=out.name,
                       out_dir=str(out), threads=kw.pop("threads", 1), **kw)
     report = train(cfg, progress=False)
     assert report.steps_done == steps, report
     return report.rows
 
 
-def overhead(model: Path, steps: int) -> dict:
+def overhead(model: Path, steps: int, checkpoint_every: int = 1) -> dict:
     data = WORK_DIR / "overhead-data"
-    fill_store(data, steps)
-    rows = run_online(model, data, WORK_DIR / "overhead-run", steps)
+    if not data.exists():
+        fill_store(data, steps)
+    out = WORK_DIR / f"overhead-run-{checkpoint_every}"
+    rows = run_online(model, data, out, steps, checkpoint_every=checkpoint_every)
     t = [r["timing"] for r in rows]
     ends = [x["pushed_unix_nano"] for x in t]
     wall_s = (ends[-1] - ends[0]) / 1e9
     update_s = sum(x["update_s"] for x in t[1:])
     per_step = [x["step_s"] for x in t[1:]]
-    return {"steps": steps, "episodes_per_step": TASKS * GROUP, "tokens_per_step": rows[0]["n_tokens"],
+    return {"checkpoint_every": checkpoint_every, "steps": steps, "episodes_per_step": TASKS * GROUP, "tokens_per_step": rows[0]["n_tokens"],
             "wall_s_steps_2_to_n": round(wall_s, 3), "update_s_steps_2_to_n": round(update_s, 3),
             "overhead_fraction": round(1 - update_s / wall_s, 4),
             "in_step_overhead_fraction": round(1 - update_s / sum(per_step), 4),
@@ -160,8 +162,8 @@ def main() -> None:
     result = {"benchmark": "trainer", "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_1m": os.getloadavg()[0]},
               "model": "tiny (model init, 0.36M params), full fine-tuning, 1 torch thread",
-              "overhead": overhead(model, steps)}
-    print(json.dumps(result["overhead"]), flush=True)
+              "overhead": overhead(model, steps), "overhead_checkpoint_every_4": overhead(model, steps, 4)}
+    print(json.dumps(result["overhead"]), json.dumps(result["overhead_checkpoint_every_4"]), flush=True)
     if not args.no_serve:
         try:
             serving.serve_python()

@@ -63,6 +63,7 @@ class TrainConfig:
     success_threshold: float = _f(1.0, "An episode counts as a success when its reward is at least this.")
     run_id: str | None = _f(None, "Run id (default: a new one; reuse one to resume it).")
     out_dir: str | None = _f(None, "Checkpoints and run state (default ./tracetrain-runs/<run_id>).")
+    checkpoint_every: int = _f(1, "Checkpoint every this many steps and at the end (a restart re-trains the steps after the last one).")
     keep_checkpoints: int = _f(3, "Checkpoints kept on disk (older ones are deleted).")
     poll_interval_s: float = _f(2.0, "Online: seconds between store polls while waiting for a batch.")
     seed: int = _f(0, "Seed of torch and of the batch order.")
@@ -71,7 +72,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise TrainConfigError(f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
-        for name in ("group_size", "batch_episodes", "epochs", "minibatches", "data_epochs", "lora_r",
+        for name in ("group_size", "batch_episodes", "epochs", "minibatches", "data_epochs", "lora_r", "checkpoint_every",
                      "lora_alpha"):
             if getattr(self, name) <= 0:
                 raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -256,6 +256,7 @@ def train(cfg: TrainConfig, *, stop: threading.Event | None = None, progress: bo
                 _online(cfg, con, session, report, stopper.event, progress)
             else:
                 _offline(cfg, con, session, report, stopper.event, progress)
+        session.checkpoint()  # the steps since the last periodic checkpoint (after a clean stop too)
     finally:
         con.close()
     report.last_step = session.state.step

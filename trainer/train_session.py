@@ -49,6 +49,7 @@ class Session:
         self.algo_cfg = AlgoConfig(clip_eps=cfg.clip_eps, dual_clip_c=cfg.dual_clip_c, kl_beta=cfg.kl_beta)
         self.state = RunState(run_id=run_id)
         self.last_checkpoint: Path | None = None
+        self.uncheckpointed: list[tuple[pa.Table, list[str]]] = []  # steps since the last checkpoint
         self.resumed = False
         latest = latest_checkpoint(self.out_dir)
         if latest is not None:
@@ -124,12 +125,15 @@ class Session:
             n_updates += result.n_updates
         update_end_ns = time.time_ns()
         self.state.step += 1
-        self.last_checkpoint = save_checkpoint(self.policy, self.optimizers,
-                                               self.state.to_json() | {"algo": cfg.algo},
-                                               self.out_dir, keep=cfg.keep_checkpoints)
+        self.uncheckpointed.append((rows, episode_ids))
+        due = self.state.step % cfg.checkpoint_every == 0
+        if due:
+            self._save()
         checkpoint_end_ns = time.time_ns()
         version, push_s = self.push() if n_updates else (None, None)
         pushed_ns = time.time_ns()
+        if due:
+            self._write_lineage()  # after the push: the row names the version these weights serve as
         step_s = time.perf_counter() - t0
         out = self._record(rows, episode_ids, skips, metrics, behaviour_version, version, push_s, step_s, update_s)
         # for benchmarks: where the step's time went (not stored)
@@ -138,10 +142,41 @@ class Session:
                          "pushed_unix_nano": pushed_ns}
         return out
 
+    def checkpoint(self) -> None:
+        """Checkpoint the steps since the last checkpoint, if any (the loop calls it at the end)."""
+        if self.uncheckpointed:
+            self._save()
+            self._write_lineage()
+
+    def _save(self) -> None:
+        self.last_checkpoint = save_checkpoint(self.policy, self.optimizers,
+                                               self.state.to_json() | {"algo": self.cfg.algo},
+                                               self.out_dir, keep=self.cfg.keep_checkpoints)
+
+    def _write_lineage(self) -> None:
+        """``checkpoints`` rows: the episodes (and their behaviour versions) of the steps since the last one."""
+        assert self.last_checkpoint is not None
+        rows = pa.concat_tables([r for r, _ in self.uncheckpointed])
+        episode_ids = [e for _, ids in self.uncheckpointed for e in ids]
+        lineage = []
+        for key in self.policy.agents:
+            mine = rows if key is None else rows.filter(pc.equal(rows["agent_name"], key))
+            if key is not None and mine.num_rows == 0:
+                continue
+            lineage.append({
+                "run_id": self.state.run_id, "step": self.state.step, "agent_name": key,
+                "policy_version": self.state.policy_version,
+                "path": str(self.last_checkpoint.resolve()),
+                "episode_ids": list(episode_ids) if key is None else sorted(set(mine["episode_id"].to_pylist())),
+                "trained_policy_versions": sorted({int(v) for v in mine["policy_version"].drop_null().to_pylist()})})
+        if lineage:
+            write_checkpoint_row(self.cfg.data_dir, lineage)
+        self.uncheckpointed = []
+
     def _record(self, rows: pa.Table, episode_ids: list[str], skips: Counter, metrics: dict, behaviour_version,
                 version: int | None, push_s: float | None, step_s: float, update_s: float) -> dict[str, Any]:
         cfg, step = self.cfg, self.state.step
-        out_rows, ckpt_rows, first = [], [], None
+        out_rows, first = [], None
         keys = list(metrics) or [self.policy.agents[0]]
         for key in keys:
             mine = rows if key is None else rows.filter(pc.equal(rows["agent_name"], key))
@@ -159,13 +194,6 @@ class Session:
                    "skipped": json.dumps(dict(sorted(skips.items())))}
             out_rows.append(row)
             first = first or row
-            versions = sorted({int(v) for v in mine["policy_version"].drop_null().to_pylist()})
-            trained = episode_ids if key is None else sorted(set(mine["episode_id"].to_pylist()))
-            ckpt_rows.append({
-                "run_id": self.state.run_id, "step": step, "agent_name": key, "policy_version": version,
-                "path": str(self.last_checkpoint.resolve()) if self.last_checkpoint else None,
-                "episode_ids": list(trained), "trained_policy_versions": versions})
-        write_checkpoint_row(cfg.data_dir, ckpt_rows)
         write_train_step(cfg.data_dir, out_rows)
         first = dict(first)
         first["metrics"] = {str(k): v for k, v in metrics.items()}

@@ -228,3 +228,20 @@ def test_algo_apo_dispatches_to_apo(tmp_path):
     from tracetrain.trainer.cli_train import train_command
     r = CliRunner().invoke(train_command, ["--data", str(tmp_path), "--algo", "apo"])
     assert r.exit_code == 1 and "APO needs --critic-url" in r.output and "Traceback" not in r.output
+
+
+def test_checkpoint_every_k_steps_keeps_the_lineage_of_each_step(tiny, tmp_path):
+    data = tmp_path / "data"
+    collector = make_collector(data)
+    try:
+        export_episodes(collector.grpc_port, synthetic("k", 4, 4, 12), time.time_ns())
+    finally:
+        collector.stop()
+    cfg = TrainConfig(data_dir=str(data), model_dir=str(tiny), group_size=4, batch_episodes=4, checkpoint_every=3,
+                      run_id="r", out_dir=str(tmp_path / "run"), threads=1)
+    report = train(cfg, progress=False)
+    assert report.steps_done == 4 and report.checkpoint.endswith("step-0000000004")
+    lineage = _lineage(data)
+    assert sorted(lineage) == [3, 4] and len(lineage[3]) == 12 and len(lineage[4]) == 4
+    assert sorted(lineage[3] + lineage[4]) == sorted(e.episode_id for e in synthetic("k", 4, 4, 12))
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-0000000003", "step-0000000004"]
