@@ -50,10 +50,13 @@ import click
                    "newer policy version (on-policy rounds).")
 @click.option("--policy-timeout-s", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
               help="With --await-policy: give up after this long without a new version.")
+@click.option("--on-policy-timeout", type=click.Choice(["fail", "continue"]), default="fail", show_default=True,
+              help="With --await-policy: when no new version comes (the trainer had nothing to learn from the "
+                   "round), fail, or sample the next round with the same policy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="With --rounds: seed of the task order.")
 def rollout_command(tasks_path, agent, agent_server, server_processes, group_size, concurrency, grader, timeout_s,
                     failure_reward, collector, protocol, run_id, agent_name, service_name, out_path, quiet,
-                    rounds, tasks_per_round, policy_url, policy_timeout_s, seed):
+                    rounds, tasks_per_round, policy_url, policy_timeout_s, on_policy_timeout, seed):
     """Run an unchanged agent on every task G times, each run captured as an episode, and grade it.
 
     \b
@@ -77,7 +80,8 @@ def rollout_command(tasks_path, agent, agent_server, server_processes, group_siz
     except (RolloutError, ValueError) as error:
         raise click.UsageError(str(error)) from None
     if rounds is not None:
-        _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, policy_url, policy_timeout_s, seed,
+        _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, policy_url, policy_timeout_s,
+                            on_policy_timeout == "continue", seed,
                             dict(concurrency=concurrency, collector=collector, protocol=protocol, grader=grader,
                                  timeout_s=timeout_s, failure_reward=failure_reward, agent_name=agent_name,
                                  service_name=service_name), run_id, out_path)
@@ -110,8 +114,8 @@ def rollout_command(tasks_path, agent, agent_server, server_processes, group_siz
         sys.exit(1)
 
 
-def _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, policy_url, policy_timeout_s, seed,
-                        options, run_id, out_path) -> None:
+def _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, policy_url, policy_timeout_s,
+                        continue_on_timeout, seed, options, run_id, out_path) -> None:
     """``--rounds``: one JSON summary line per round, results appended to ``--out``."""
     import uuid
 
@@ -130,7 +134,7 @@ def _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, poli
     try:
         run_rounds(tasks, target, rounds=rounds, tasks_per_round=tasks_per_round, group_size=group_size,
                    run_id=run_id or uuid.uuid4().hex[:8], policy_url=policy_url, policy_timeout_s=policy_timeout_s,
-                   seed=seed, on_round=on_round, **options)
+                   continue_on_policy_timeout=continue_on_timeout, seed=seed, on_round=on_round, **options)
     except RolloutError as error:
         raise click.UsageError(str(error)) from None
     except PolicyWaitTimeout as error:

@@ -6,13 +6,15 @@ policy. ``run_rounds`` is the sampling side: each round draws ``tasks_per_round`
 tasks (a seeded shuffle, cycling when the task file is exhausted), runs each ``group_size``
 times through ``run_rollouts`` and, when ``policy_url`` is given, waits until the serving
 endpoint answers with a newer policy version (the ``x-tracetrain-policy-version`` header
-that ``tracetrain serve`` puts on every ``/v1/*`` response) before the next round.
+that ``tracetrain serve`` puts on every ``/v1/*`` response) before the next round, and
+after the last one (so the trainer has taken every round when it returns).
 Without ``policy_url`` rounds follow each other at once (off-policy: the trainer's
 importance ratios and staleness limit handle the lag).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import urllib.error
@@ -23,6 +25,8 @@ from typing import Any
 from tracetrain.instrumentation import semconv as sc
 
 from .rollout import RolloutError, RolloutSummary, run_rollouts
+
+logger = logging.getLogger(__name__)
 
 
 class PolicyWaitTimeout(RuntimeError):
@@ -75,7 +79,8 @@ def round_tasks(tasks: Sequence[dict], tasks_per_round: int, round_index: int, s
 
 
 def run_rounds(tasks: Sequence[dict], agent: Any, *, rounds: int, tasks_per_round: int, group_size: int,
-               run_id: str, policy_url: str | None = None, policy_timeout_s: float = 600.0, seed: int = 0,
+               run_id: str, policy_url: str | None = None, policy_timeout_s: float = 600.0,
+               continue_on_policy_timeout: bool = False, seed: int = 0,
                on_round: Callable[[int, RolloutSummary, int | None], None] | None = None,
                **rollout_options: Any) -> list[RolloutSummary]:
     """Run ``rounds`` rounds of ``tasks_per_round`` x ``group_size`` episodes.
@@ -83,10 +88,13 @@ def run_rounds(tasks: Sequence[dict], agent: Any, *, rounds: int, tasks_per_roun
     Episode ids are ``<run_id>-r<round>-<task_id>-<k>``. ``rollout_options`` go to
     ``run_rollouts`` (concurrency, collector, grader, timeout_s...). ``on_round(i, summary,
     version)`` is called after each round with the policy version the round was sampled
-    with (None when unknown).
+    with (None when unknown). A trainer that found nothing to learn from a round (every
+    group scored alike) pushes nothing; with ``continue_on_policy_timeout`` the next round
+    then samples with the same policy after ``policy_timeout_s`` instead of failing.
 
     Raises:
-        PolicyWaitTimeout: ``policy_url`` did not move to a newer version in time.
+        PolicyWaitTimeout: ``policy_url`` did not move to a newer version in time (and
+            ``continue_on_policy_timeout`` is false).
         RolloutError: bad arguments.
     """
     if rounds < 1:
@@ -99,6 +107,11 @@ def run_rounds(tasks: Sequence[dict], agent: Any, *, rounds: int, tasks_per_roun
         summaries.append(summary)
         if on_round:
             on_round(index, summary, version)
-        if policy_url and index < rounds - 1:
-            wait_for_policy_above(policy_url, version, policy_timeout_s)
+        if policy_url:
+            try:
+                wait_for_policy_above(policy_url, version, policy_timeout_s)
+            except PolicyWaitTimeout as error:
+                if not continue_on_policy_timeout:
+                    raise
+                logger.warning("round %d: %s; sampling the next round with the same policy", index, error)
     return summaries
