@@ -57,3 +57,20 @@ def retry_listing(fn: Callable[[], T], attempts: int = 5, pause_s: float = 0.05)
                 raise
             time.sleep(pause_s * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def listing_fingerprint(data_dir: str | Path) -> tuple[int, int, int]:
+    """(files, total bytes, newest mtime ns) of the span table's Parquet files.
+
+    Files are immutable and appear by rename (docs/schema.md), so an unchanged fingerprint
+    means no new spans: an online trainer polls this (a directory scan) instead of
+    re-running its queries over the whole store while it waits.
+    """
+    count = size = newest = 0
+    for path in Path(data_dir).glob(f"{sc.TABLE_SPANS}/*/*/*.parquet"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # compacted away between listing and stat
+            continue
+        count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
+    return count, size, newest

@@ -341,12 +341,18 @@ def _online(cfg: TrainConfig, con: Any, session: Any, report: TrainReport, stop:
     # With max_staleness set, poll every step so staleness is judged against the current version.
     backlog: list[list[str]] = []
     calls = transitions = None
+    last_listing = None
     while not stop.is_set():
         if cfg.max_steps is not None and state.step >= cfg.max_steps:
             report.stop_reason = "max_steps"
             return
         step_skips: Counter = Counter()
         if not backlog or cfg.max_staleness is not None:
+            listing = store.listing_fingerprint(cfg.data_dir)
+            if not backlog and listing == last_listing:  # nothing new was stored: don't re-query
+                stop.wait(cfg.poll_interval_s)
+                continue
+            last_listing = listing
             calls, transitions, skips = _load(cfg, con, session, after=state.watermark)
             backlog, plan_skips = plan_batches(transitions, cfg, grouped, complete_only=True)
             decided = decided_episodes(calls, transitions)
