@@ -80,8 +80,11 @@ test: install node-deps ui-deps serve-env verl-env  ## every test, slow ones inc
 test-fast: install  ## unit tests only
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
-demo: install  ## the main job on embedded defaults
+demo: install serve-env  ## the main job: an unchanged agent learns from its traces (collector + vLLM + rollout + online GRPO)
 	$(PY) examples/demo.py
+
+demo-quick: install serve-env  ## the demo's short form (what CI runs): the loop closes in ~2 minutes
+	$(PY) examples/demo.py --quick
 
 bench: install serve-env  ## ingest, serving, rollout, transitions, dashboard and trainer benchmarks -> bench/results/*.json
 	$(PY) bench/ingest.py
