@@ -10,7 +10,7 @@ NODE_AGENT_DIR := examples/node_agent
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 WANDB_MODE=disabled
 export OTEL_NODE_RESOURCE_DETECTORS=env,host,os,process
 
-.PHONY: install node-deps ui-deps serve-env verl-env test test-fast demo bench clean
+.PHONY: install node-deps ui-deps serve-env verl-env test test-fast demo demo-quick bench clean
 
 $(VENV)/.installed: pyproject.toml
 	rm -f $@
