@@ -1,6 +1,10 @@
-"""`make demo-two-agents`, short form: train one agent of two, the other's weights stay byte-identical.
+"""examples/two_agent_system.py and `make demo-two-agents`: one agent of two trained, the other untouched.
 
-Real collector, real vLLM (base weights) serving the two-agent system, real offline GRPO runs.
+* fast: the system under the real `tracetrain rollout` against a scripted OpenAI server and a real
+  collector; each LLM call lands under its own agent's name, and `--agent caller` leaves the
+  answerer's calls out as ``agent_not_selected``;
+* slow: examples/two_agents.py --quick (real vLLM, real offline GRPO runs): the untouched agent's
+  weights are byte-identical, the trained adapter changed, two agents train two adapters.
 """
 
 from __future__ import annotations
@@ -13,10 +17,50 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_tool_agent import server, tool_agent  # noqa: F401 - fixture: scripted OpenAI server
 from tracetrain.collector import reader
+from tracetrain.trainer import store
+from tracetrain.trainer import transitions as tr
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
+BIN = Path(sys.executable).parent
+SYSTEM = f"{ROOT / 'examples' / 'two_agent_system.py'}:solve"
+GRADER = f"{ROOT / 'examples' / 'demo_tasks.py'}:grade"
+
+
+def test_each_agents_calls_are_stored_under_its_name(tmp_path, collector, data_dir, server):  # noqa: F811
+    tasks = [{"id": "add", "question": "What is 37+12?", "answer": "49"},
+             {"id": "item", "question": "How much does item 412 cost?", "answer": str(tool_agent.price_of(412))}]
+    tasks_file = tmp_path / "tasks.jsonl"
+    tasks_file.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRACETRAIN_", "TOOL_AGENT_", "TWO_"))}
+    env.update(OPENAI_BASE_URL=server["base_url"], OPENAI_API_KEY="EMPTY", TWO_AGENTS_CALLER_MODEL="policy-caller")
+    out = subprocess.run([str(BIN / "tracetrain"), "rollout", "--tasks", str(tasks_file), "--agent", SYSTEM,
+                          "--grader", GRADER, "-G", "2", "-C", "4", "--run-id", "two", "--agent-name", "two_agent_system",
+                          "--collector", f"http://127.0.0.1:{collector.grpc_port}", "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (summary["episodes"], summary["ok"], summary["mean_reward"]) == (4, 4, 1.0)
+    # each agent called its own served model: caller's variable, answerer on the default
+    models = [(len(r["messages"]), r["model"]) for r in server["requests"]]
+    assert sorted(models) == [(1, "policy-caller")] * 4 + [(3, "policy-base")] * 4
+
+    calls = reader.query(data_dir, "SELECT episode_id, agent_name FROM llm_calls WHERE episode_id LIKE 'two-%' "
+                                   "ORDER BY episode_id, start_time_unix_nano").to_pylist()
+    by_episode: dict[str, list[str]] = {}
+    for call in calls:
+        by_episode.setdefault(call["episode_id"], []).append(call["agent_name"])
+    assert by_episode == {f"two-{t}-{k}": ["caller", "answerer"] for t in ("add", "item") for k in "01"}
+
+    con = store.connect(data_dir)  # what `tracetrain train --agent caller` builds from these episodes
+    try:
+        loaded = tr.load_calls(con, where="episode_id LIKE 'two-%'")
+    finally:
+        con.close()
+    _, skipped = tr.build_transitions(loaded, tr.TransitionConfig(agents=("caller",)))
+    assert skipped["agent_not_selected"] == 4  # the answerer's four calls (the scripted server sends no token ids)
 
 
 @pytest.mark.slow
