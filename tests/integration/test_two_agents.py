@@ -103,8 +103,9 @@ def test_quick_two_agents_trains_only_the_selected_agent(tmp_path):
     steps = reader.query(work / "data", "SELECT step, agent_name, n_tokens FROM train_steps "
                                          "WHERE run_id = 'both' ORDER BY step, agent_name").to_pylist()
     assert steps and {s["agent_name"] for s in steps} == {"caller", "answerer"}
-    for step in {s["step"] for s in steps}:
-        assert sorted(s["agent_name"] for s in steps if s["step"] == step) == ["answerer", "caller"]
+    for step in {s["step"] for s in steps if s["n_tokens"] > 0}:  # a step that updated anything updated both
+        assert sorted((s["agent_name"], s["n_tokens"] > 0) for s in steps if s["step"] == step) == \
+            [("answerer", True), ("caller", True)]
     assert "agent_not_selected" not in json.dumps(both["train_steps"])
     lineage = reader.query(work / "data", "SELECT run_id, agent_name FROM checkpoints ORDER BY 1, 2").to_pylist()
     assert {(r["run_id"], r["agent_name"]) for r in lineage} >= {("both", "caller"), ("both", "answerer")}
