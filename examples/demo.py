@@ -44,12 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=str(ROOT / "tracetrain-data" / "demo"), help="fresh folder for everything")
     parser.add_argument("--rounds", type=int, default=160, help="GRPO steps (one rollout round each)")
-    parser.add_argument("--eval-every", type=int, default=20, help="rounds between held-out evaluations")
+    parser.add_argument("--eval-every", type=int, default=40, help="rounds between held-out evaluations")
     parser.add_argument("--tasks-per-round", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=64, help="episodes in flight")
     parser.add_argument("--heldout", type=int, default=256, help="held-out tasks (greedy)")
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup-stop", type=float, default=0.2, help="warm-up stops at this dev success")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="CI form: 3 rounds of 8x4, 32 held-out, warm-up to 10%%")
@@ -220,7 +220,11 @@ class Demo:
             self.train_chunk(chunk, rounds, trainer)
             done, chunk = done + rounds, chunk + 1
             self.evaluate(done)
-        trainer.wait(timeout=120)
+        try:  # it stops at --max-steps; a round it had nothing to learn from leaves it one step short
+            trainer.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(trainer.pid, 15)  # SIGTERM: the trainer checkpoints and exits 0
+            trainer.wait(timeout=120)
         if trainer.returncode != 0:
             raise SystemExit(f"the trainer exited with {trainer.returncode}; see {self.work / 'train.log'}")
 

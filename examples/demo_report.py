@@ -18,20 +18,20 @@ def _store_figures(demo: Any) -> dict:
     return {"steps": steps, "spans": spans, "train_calls": later, "export_to_store_median_s": lag}
 
 
-def _plot(demo: Any, steps: list[dict]) -> str:
+def _plot(demo: Any) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    if steps:
-        xs = [s["step"] for s in steps]
-        ys = [s["reward_mean"] for s in steps]
-        ax.plot(xs, ys, color="#9ab", lw=1, label="batch reward (T=1, 128 episodes)")
+    ys = [r.get("mean_reward") for r in demo.rounds]
+    if ys and None not in ys:
+        xs = list(range(1, len(ys) + 1))
+        ax.plot(xs, ys, color="#9ab", lw=1, label="batch reward of each round (T=1, all episodes)")
         k = 10
         smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
-        ax.plot(xs, smooth, color="#357", lw=2, label=f"batch reward, mean of last {k}")
+        ax.plot(xs, smooth, color="#357", lw=2, label=f"batch reward, mean of last {k} rounds")
     ax.plot([e["step"] for e in demo.evals], [e["success"] for e in demo.evals], "o-", color="#c33", lw=2,
             label="held-out success (greedy, served by vLLM)")
     ax.set_xlabel("GRPO step (= policy version pushed to vLLM)")
@@ -75,7 +75,7 @@ def write_report(demo: Any) -> dict:
                    "waiting_for_trainer_s": round(demo.seconds.get("rollout_rounds_s", 0) - sampling_s, 1),
                    "span_export_to_store_median_s": figures["export_to_store_median_s"]},
         "loop_closed": loop_closed, "quick": demo.args.quick, "seed": demo.args.seed,
-        "plot": _plot(demo, steps),
+        "plot": _plot(demo),
     }
     (demo.work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print("\n                      held-out success   policy version")
