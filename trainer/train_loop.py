@@ -273,8 +273,9 @@ def _transition_cfg(cfg: TrainConfig, algorithm_needs_reward: bool, current_vers
 
 
 def _load(cfg: TrainConfig, con: Any, session: Any, after: tuple[int, str] | None) -> tuple[pa.Table, pa.Table, Counter]:
-    calls = store.retry_listing(lambda: tr.load_calls(con, where=cfg.where, agents=list(cfg.agents) or None,
-                                                      after=after))
+    # Every call of the selected episodes is loaded, the other agents' too: build_transitions leaves
+    # those out as ``agent_not_selected``, so train_steps.skipped says what --agent left untrained.
+    calls = store.retry_listing(lambda: tr.load_calls(con, where=cfg.where, after=after))
     if session.state.consumed:
         calls = calls.filter(pc.invert(pc.is_in(calls["episode_id"],
                                                  pa.array(sorted(session.state.consumed), pa.string()))))
@@ -287,7 +288,8 @@ def _nothing_message(calls: pa.Table, skips: Counter, con: Any = None, cfg: Trai
     n_episodes = len(set(calls["episode_id"].to_pylist())) if calls.num_rows else 0
     text = (f"nothing trainable: {n_episodes} episodes / {calls.num_rows} LLM calls selected; "
             f"left out: {describe_skips(skips)}")
-    if calls.num_rows == 0 and con is not None and cfg is not None:
+    if (calls.num_rows == 0 or skips.get("agent_not_selected") == calls.num_rows) and con is not None \
+            and cfg is not None:
         # say what the store holds, so a wrong --where / --agent is obvious
         where = f" WHERE ({cfg.where})" if cfg.where else ""
         matching = con.execute(f"SELECT count(*) FROM episodes{where}").fetchone()[0]

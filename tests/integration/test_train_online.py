@@ -167,7 +167,8 @@ def test_offline_nothing_trainable_says_why(tiny, tmp_path):
                       out_dir=str(tmp_path / "run"), threads=1)
     report = train(cfg, progress=False)  # a step that learns nothing is still reported, with the reason
     assert report.rows[0]["n_tokens"] == 0 and json.loads(report.rows[0]["skipped"]) == {"zero_variance_group": 4}
-    with pytest.raises(NothingToTrain, match=r"0 episodes / 0 LLM calls selected; left out: none \(the store has "
+    with pytest.raises(NothingToTrain, match=r"4 episodes / (\d+) LLM calls selected; left out: agent_not_selected \1 "
+                                             r"\(the store has "
                                              r"4 episodes, 4 match --where; agents with LLM calls: None; --agent: other"):
         train(TrainConfig(data_dir=str(data), model_dir=str(tiny), agents=("other",), run_id="r2",
                           out_dir=str(tmp_path / "run2"), threads=1), progress=False)
