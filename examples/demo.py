@@ -44,12 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=str(ROOT / "tracetrain-data" / "demo"), help="fresh folder for everything")
     parser.add_argument("--rounds", type=int, default=160, help="GRPO steps (one rollout round each)")
-    parser.add_argument("--eval-every", type=int, default=40, help="rounds between held-out evaluations")
+    parser.add_argument("--eval-every", type=int, default=20, help="rounds between held-out evaluations")
     parser.add_argument("--tasks-per-round", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=64, help="episodes in flight")
     parser.add_argument("--heldout", type=int, default=256, help="held-out tasks (greedy)")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup-stop", type=float, default=0.2, help="warm-up stops at this dev success")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="CI form: 3 rounds of 8x4, 32 held-out, warm-up to 10%%")
@@ -189,7 +189,7 @@ class Demo:
         a = self.args
         command = [*TT, "rollout", "--tasks", str(self.tasks / "train.jsonl"), "--agent", AGENT, "--grader", GRADER,
                    "-G", str(a.group_size), "-C", str(a.concurrency), "--rounds", str(rounds),
-                   "--policy-timeout-s", "30", "--on-policy-timeout", "continue",
+                   "--policy-timeout-s", "10", "--on-policy-timeout", "continue",
                    "--tasks-per-round", str(a.tasks_per_round), "--await-policy", self.serve_url,
                    "--seed", str(a.seed * 1000 + chunk), "--run-id", f"train-c{chunk}", "--failure-reward", "0",
                    "--collector", f"http://127.0.0.1:{self.grpc_port}", "--service-name", "tool-agent",
