@@ -8,7 +8,8 @@ distillation) is the simplest thing to train from traces:
    WORKDIR/model``, the warmed model that sampled it); without it, this script builds one the
    demo's way (``tracetrain model init`` + ``warmup``, ``tracetrain collector``, ``tracetrain
    serve`` (vLLM), ``tracetrain rollout`` of the agent at T=1 on training tasks);
-2. ``tracetrain train --algo sft --where "reward >= 1"`` offline, full fine-tuning;
+2. ``tracetrain train --algo sft --where "reward >= 1 AND episode_id NOT LIKE 'eval-%'"``
+   offline, full fine-tuning (the demo's held-out evaluation episodes are never trained on);
 3. before/after: greedy success on the demo's held-out tasks (in process, HF ``generate``,
    examples/heldout_eval.py) and the mean log-probability of the selected responses;
    printed and written to ``WORKDIR/sft_summary.json``.
@@ -38,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="store with rewarded tool-agent episodes (none: build one with vLLM)")
     parser.add_argument("--model", help="the model that sampled them (required with --data)")
     parser.add_argument("--workdir", default=str(ROOT / "tracetrain-data" / "sft"), help="output folder")
-    parser.add_argument("--where", default="reward >= 1", help="SQL over episodes: the ones to imitate")
+    # the demo's held-out evaluation episodes (eval-*) share the store: never train on them
+    parser.add_argument("--where", default="reward >= 1 AND episode_id NOT LIKE 'eval-%'",
+                        help="SQL over episodes: the ones to imitate")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-episodes", type=int, default=64)
     parser.add_argument("--data-epochs", type=int, default=1, help="passes over the selected episodes")

@@ -2,13 +2,15 @@
 spans of two policy versions (importance correction), APO with a scripted critic.
 
 The store is built once: a tiny model warmed up for 30 steps (policy version 0, the starting
-model) and one warmed up for 45 (standing in for a later version 1) each sample 8 tasks x 8
-episodes in process (HF generate, T=1, behaviour logprobs), exported as OTLP spans to a real
-collector. The examples then really train the tiny model (`tracetrain train` subprocesses).
+model) and a copy with slightly perturbed weights (another policy, standing in for a later
+version 1) each sample 8 tasks x 8 episodes in process (HF generate, T=1, behaviour logprobs),
+exported as OTLP spans to a real collector. The examples then really train the tiny model
+(`tracetrain train` subprocesses).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 import time
@@ -38,15 +40,20 @@ def two_version_store(tmp_path_factory):
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("examples")
     base = model_init.init_model(root / "tiny", size="tiny", seed=0)
-    reports = [warmup.warmup(base, "calc", steps=steps, seed=0) for steps in (30, 45)]
-    warm = warmup.save_warmed(reports[0], base, root / "warm")
+    report = warmup.warmup(base, "calc", steps=30, seed=0)
+    warm = warmup.save_warmed(report, base, root / "warm")
     tok = AutoTokenizer.from_pretrained(str(warm), local_files_only=True)
+    other = copy.deepcopy(report.model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * p.std() * torch.randn_like(p))
     data = root / "data"
     collector = make_collector(data)
     try:
         t0 = time.time_ns()
-        for version, report in enumerate(reports):
-            episodes = sample_episodes(report.model, tok, "calc", n_tasks=8, group_size=8, seed=10 + version,
+        for version, model in enumerate((report.model, other)):
+            episodes = sample_episodes(model, tok, "calc", n_tasks=8, group_size=8, seed=10 + version,
                                        prefix="train")
             export_episodes(collector.grpc_port, episodes, t0, policy_version=version, first_index=64 * version)
     finally:
@@ -54,6 +61,7 @@ def two_version_store(tmp_path_factory):
     return warm, data
 
 
+@pytest.mark.timeout(900)  # the module fixture (warm-up, sampling) runs in the first test
 def test_sft_from_best_raises_the_best_responses_likelihood(two_version_store, tmp_path):
     import sft_from_best
 
