@@ -5,7 +5,7 @@ serving venv is a failure (`make serve-env` builds it).
 """
 
 import json
-import os
+
 import urllib.request
 
 import pytest
@@ -16,36 +16,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from tracetrain.trainer import logprob_check, model_init, serving, weight_push  # noqa: E402
+from tracetrain.trainer import logprob_check, serving, weight_push  # noqa: E402
+from tests.integration.vllm_fixtures import model_dir, server  # noqa: F401 - fixtures
 
 TOL = 1e-4  # fp32 serving vs the trainer's fp32 forward pass
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(model_init.init_model(tmp_path_factory.mktemp("tiny") / "m", size="tiny", seed=0))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    try:
-        serving.serve_python()
-    except serving.ServeEnvMissing as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the serving venv is missing: {exc}")
-        pytest.skip(f"{exc} (set CI=true to make this a failure)")
-    work = tmp_path_factory.mktemp("serve")
-    h = serving.start_server(model_dir, _free_port(), log_path=str(work / "vllm.log"), timeout=600)
-    yield h
-    h.stop()
-    assert not h.alive()
 
 
 @pytest.fixture(scope="module")

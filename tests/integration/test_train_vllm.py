@@ -6,7 +6,7 @@ Skipped only when .venv-serve is missing outside CI (CI=true makes that a failur
 
 from __future__ import annotations
 
-import os
+
 import threading
 import time
 
@@ -21,37 +21,12 @@ pytest.importorskip("peft")
 from tests.conftest import make_collector
 from tests.integration.test_train_online import _lineage, _wait, synthetic
 from tests.integration.rl_episodes import export_episodes
-from tracetrain.trainer import logprob_check, model_init, serving, store
+from tracetrain.trainer import logprob_check, serving, store
 from tracetrain.trainer.train_config import TrainConfig
 from tracetrain.trainer.train_loop import train
+from tests.integration.vllm_fixtures import model_dir, server  # noqa: F401 - fixtures
 
 TOL = 1e-4
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(model_init.init_model(tmp_path_factory.mktemp("tiny") / "m", size="tiny", seed=0))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    try:
-        serving.serve_python()
-    except serving.ServeEnvMissing as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the serving venv is missing: {exc}")
-        pytest.skip(f"{exc} (set CI=true to make this a failure)")
-    work = tmp_path_factory.mktemp("serve")
-    handle = serving.start_server(model_dir, _free_port(), log_path=str(work / "vllm.log"), timeout=600)
-    yield handle
-    handle.stop()
 
 
 def _version_header(server, model: str) -> str:
