@@ -66,7 +66,7 @@ def test_sft_from_best_raises_the_best_responses_likelihood(two_version_store, t
     import sft_from_best
 
     warm, data = two_version_store
-    out = sft_from_best.main(["--quick", "--data", str(data), "--model", str(warm), "--where", "reward >= 0.5",
+    out = sft_from_best.main(["--quick", "--data", str(data), "--model", str(warm), "--where", "reward >= 0.5", "--lr", "2e-3",
                               "--workdir", str(tmp_path)])
     print(out)
     assert 0 < out["episodes_selected"] < out["episodes_in_store"] == 128
