@@ -96,6 +96,18 @@ def solve(task: dict) -> str:
     return answer.group(1).strip() if answer else ""
 
 
+def grade(task: dict, answer: str | None) -> float:
+    """1.0 for the right answer; 0.1 for a wrong number (the system kept its format); else 0.0.
+
+    The small partial credit gives GRPO groups whose rewards vary even when a barely warmed-up
+    model gets almost nothing right (exact-match alone leaves most groups all zero).
+    """
+    text = "" if answer is None else str(answer).strip()
+    if text == str(task["answer"]):
+        return 1.0
+    return 0.1 if text.lstrip("-").isdigit() else 0.0
+
+
 if __name__ == "__main__":
     raw = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("TRACETRAIN_TASK")
     if not raw:

@@ -107,5 +107,7 @@ def test_quick_two_agents_trains_only_the_selected_agent(tmp_path):
         assert sorted((s["agent_name"], s["n_tokens"] > 0) for s in steps if s["step"] == step) == \
             [("answerer", True), ("caller", True)]
     assert "agent_not_selected" not in json.dumps(both["train_steps"])
+    # training the answerer's adapter alongside left caller's byte-identical to the caller-only run
+    assert both["adapters"]["caller"]["sha256_trained"] == caller["sha256_trained"]
     lineage = reader.query(work / "data", "SELECT run_id, agent_name FROM checkpoints ORDER BY 1, 2").to_pylist()
     assert {(r["run_id"], r["agent_name"]) for r in lineage} >= {("both", "caller"), ("both", "answerer")}
