@@ -16,7 +16,7 @@ distillation) is the simplest thing to train from traces:
 
     python examples/sft_from_best.py --data tracetrain-data/demo/data --model tracetrain-data/demo/model
     python examples/sft_from_best.py --workdir /tmp/sft            # builds its own store (vLLM)
-    python examples/sft_from_best.py --quick --data D --model M    # CI form: 4 steps, 32 held-out tasks
+    python examples/sft_from_best.py --quick --data D --model M    # CI form: 8 steps, 32 held-out tasks
 """
 
 from __future__ import annotations
@@ -50,12 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-tasks", type=int, default=512, help="without --data: training tasks sampled")
     parser.add_argument("--group-size", type=int, default=4, help="without --data: samples per task")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="CI form: 4 steps of 32 episodes, 32 held-out tasks")
+    parser.add_argument("--quick", action="store_true", help="CI form: 8 steps of 32 episodes (4 passes at most), 32 held-out tasks")
     args = parser.parse_args(argv)
     if args.data and not args.model:
         parser.error("--data needs --model (the model folder that sampled the episodes)")
     if args.quick:
-        args.batch_episodes, args.max_steps, args.heldout, args.sample_tasks = 32, 4, 32, 32
+        args.batch_episodes, args.max_steps, args.data_epochs = 32, 8, 4
+        args.heldout, args.sample_tasks = 32, 32
     return args
 
 
