@@ -20,7 +20,7 @@ trains **offline** from that store, from the same starting model, with the same 
    ``OUT/offline_vs_online.json``.
 
     python examples/offline_vs_online.py --demo tracetrain-data/demo
-    python examples/offline_vs_online.py --quick --data D --model M     # CI form: 2 steps, 32 tasks
+    python examples/offline_vs_online.py --quick --data D --model M --out O   # CI form: 2 steps, 32 tasks
 """
 
 from __future__ import annotations
