@@ -86,6 +86,19 @@ def grade(task: dict, answer: str | None) -> float:
     return 1.0 if answer is not None and str(answer).strip() == str(task["answer"]) else 0.0
 
 
+def grade_partial(task: dict, answer: str | None) -> float:
+    """1.0 for the right answer; 0.1 for a wrong number (the agent kept its format); else 0.0.
+
+    The small partial credit gives GRPO groups whose rewards vary even when a barely warmed-up
+    model gets almost nothing right (exact match alone leaves most groups all zero). The demo's
+    short form (``--quick``) and the two-agent example train with it; evaluations use ``grade``.
+    """
+    if grade(task, answer) == 1.0:
+        return 1.0
+    text = "" if answer is None else str(answer).strip()
+    return 0.1 if text.lstrip("-").isdigit() else 0.0
+
+
 def write_jsonl(path: Path, tasks: list[dict]) -> None:
     path.write_text("".join(json.dumps(t, sort_keys=True) + "\n" for t in tasks))
 

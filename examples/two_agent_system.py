@@ -97,15 +97,12 @@ def solve(task: dict) -> str:
 
 
 def grade(task: dict, answer: str | None) -> float:
-    """1.0 for the right answer; 0.1 for a wrong number (the system kept its format); else 0.0.
-
-    The small partial credit gives GRPO groups whose rewards vary even when a barely warmed-up
-    model gets almost nothing right (exact-match alone leaves most groups all zero).
-    """
-    text = "" if answer is None else str(answer).strip()
-    if text == str(task["answer"]):
-        return 1.0
-    return 0.1 if text.lstrip("-").isdigit() else 0.0
+    """examples/demo_tasks.py's ``grade_partial``: 1.0 right, 0.1 a wrong number, else 0.0."""
+    spec = importlib.util.spec_from_file_location("tracetrain_example_demo_tasks",
+                                                  Path(__file__).with_name("demo_tasks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.grade_partial(task, answer)
 
 
 if __name__ == "__main__":
