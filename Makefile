@@ -10,7 +10,7 @@ NODE_AGENT_DIR := examples/node_agent
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 WANDB_MODE=disabled
 export OTEL_NODE_RESOURCE_DETECTORS=env,host,os,process
 
-.PHONY: install node-deps ui-deps serve-env verl-env test test-fast demo demo-quick demo-two-agents bench clean
+.PHONY: install node-deps ui-deps serve-env verl-env test test-fast demo demo-quick demo-two-agents demo-why-rl bench clean
 
 $(VENV)/.installed: pyproject.toml
 	rm -f $@
@@ -85,6 +85,9 @@ demo: install serve-env  ## the main job: an unchanged agent learns from its tra
 
 demo-quick: install serve-env  ## the demo's short form (what CI runs): the loop closes in ~2 minutes
 	$(PY) examples/demo.py --quick
+
+demo-why-rl: install serve-env  ## few demonstrations: SFT plateaus, GRPO with a verifier keeps improving (one plot; docs/examples.md)
+	$(PY) examples/why_rl.py
 
 demo-two-agents: install serve-env  ## two agents, one trained (LoRA): the other's weights stay byte-identical (docs/examples.md)
 	$(PY) examples/two_agents.py

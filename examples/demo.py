@@ -45,20 +45,29 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=str(ROOT / "tracetrain-data" / "demo"), help="fresh folder for everything")
-    parser.add_argument("--rounds", type=int, default=160, help="GRPO steps (one rollout round each)")
-    parser.add_argument("--eval-every", type=int, default=20, help="rounds between held-out evaluations")
+    parser.add_argument("--rounds", type=int, default=200, help="GRPO steps (one rollout round each)")
+    parser.add_argument("--eval-every", type=int, default=40, help="rounds between held-out evaluations")
     parser.add_argument("--tasks-per-round", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--concurrency", type=int, default=64, help="episodes in flight")
+    parser.add_argument("--concurrency", type=int, default=128, help="episodes in flight")
     parser.add_argument("--heldout", type=int, default=256, help="held-out tasks (greedy)")
+    parser.add_argument("--policy-lag", type=int, default=1,
+                        help="rounds the trainer may lag behind sampling (1: sample round i+1 while it trains on i)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup-stop", type=float, default=0.2, help="warm-up stops at this dev success")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-model", default=None,
+                        help="start from this model folder (a copy) instead of `model init` + `model warmup`")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="steps between trainer checkpoints (default: --eval-every)")
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="trainer checkpoints kept on disk")
+    parser.add_argument("--partial-credit", action="store_true",
+                        help="train with demo_tasks.grade_partial (0.1 for a wrong number) instead of exact match")
     parser.add_argument("--quick", action="store_true", help="CI form: 3 rounds of 8x4, 32 held-out, warm-up to 10%%")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.eval_every, args.tasks_per_round, args.group_size = 3, 3, 8, 4
-        args.concurrency, args.heldout, args.warmup_stop = 32, 32, 0.1
+        args.concurrency, args.heldout, args.warmup_stop, args.partial_credit = 32, 32, 0.1, True
     return args
 
 
@@ -136,10 +145,13 @@ class Demo:
     def prepare(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
-        self.run("model_init_s", [*TT, "model", "init", "--out", str(self.model), "--seed", str(self.args.seed)])
-        warmup = ["--stop-at-success", str(self.args.warmup_stop)]
-        self.run("warmup_s", [*TT, "model", "warmup", "--model", str(self.model), "--task", "tools",
-                              "--seed", str(self.args.seed), *warmup])
+        if self.args.start_model:
+            shutil.copytree(self.args.start_model, self.model)
+        else:
+            self.run("model_init_s", [*TT, "model", "init", "--out", str(self.model), "--seed", str(self.args.seed)])
+            warmup = ["--stop-at-success", str(self.args.warmup_stop)]
+            self.run("warmup_s", [*TT, "model", "warmup", "--model", str(self.model), "--task", "tools",
+                                  "--seed", str(self.args.seed), *warmup])
         n_train = max(self.args.rounds * self.args.tasks_per_round, 64)
         self.run("tasks_s", [sys.executable, str(ROOT / "examples" / "demo_tasks.py"), "--out", str(self.tasks),
                              "--train", str(n_train), "--heldout", str(self.args.heldout)])
@@ -183,16 +195,17 @@ class Demo:
                            str(self.model), "--serve-url", self.serve_url, "--serve-state-file", str(self.state_file),
                            "--where", "episode_id LIKE 'train-%'", "--group-size", str(a.group_size),
                            "--batch-episodes", str(a.tasks_per_round * a.group_size), "--lr", str(a.lr),
-                           "--adam-beta2", "0.99", "--minibatches", "2", "--max-steps", str(a.rounds),
-                           "--poll-interval-s", "0.2", "--checkpoint-every", str(a.eval_every),
+                           "--adam-beta2", "0.99", "--minibatches", "2", "--max-steps", str(a.rounds), "--threads", "1",
+                           "--poll-interval-s", "1.0", "--checkpoint-every", str(a.checkpoint_every or a.eval_every),
+                           "--keep-checkpoints", str(a.keep_checkpoints),
                            "--run-id", "demo", "--out", str(self.work / "run"), "--seed", str(a.seed)], "train.log")
 
     def train_chunk(self, chunk: int, rounds: int, trainer: subprocess.Popen) -> None:
         a = self.args
-        grader = GRADER_PARTIAL if a.quick else GRADER
+        grader = GRADER_PARTIAL if a.partial_credit else GRADER
         command = [*TT, "rollout", "--tasks", str(self.tasks / "train.jsonl"), "--agent", AGENT, "--grader", grader,
                    "-G", str(a.group_size), "-C", str(a.concurrency), "--rounds", str(rounds),
-                   "--policy-timeout-s", "10", "--on-policy-timeout", "continue",
+                   "--policy-timeout-s", "10", "--on-policy-timeout", "continue", "--policy-lag", str(a.policy_lag),
                    "--tasks-per-round", str(a.tasks_per_round), "--await-policy", self.serve_url,
                    "--seed", str(a.seed * 1000 + chunk), "--run-id", f"train-c{chunk}", "--failure-reward", "0",
                    "--collector", f"http://127.0.0.1:{self.grpc_port}", "--service-name", "tool-agent",
@@ -222,7 +235,11 @@ class Demo:
             rounds = min(self.args.eval_every, self.args.rounds - done)
             self.train_chunk(chunk, rounds, trainer)
             done, chunk = done + rounds, chunk + 1
+            if done == self.args.rounds:
+                self.stop_trainer(trainer)  # the final evaluation sees the last pushed weights
             self.evaluate(done)
+
+    def stop_trainer(self, trainer: subprocess.Popen) -> None:
         try:  # it stops at --max-steps; a round it had nothing to learn from leaves it one step short
             trainer.wait(timeout=15)
         except subprocess.TimeoutExpired:

@@ -53,10 +53,13 @@ import click
 @click.option("--on-policy-timeout", type=click.Choice(["fail", "continue"]), default="fail", show_default=True,
               help="With --await-policy: when no new version comes (the trainer had nothing to learn from the "
                    "round), fail, or sample the next round with the same policy.")
+@click.option("--policy-lag", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --await-policy: rounds the trainer may still have to take when the next round starts "
+                   "(1: sample the next round while it trains on this one, one version behind).")
 @click.option("--seed", type=int, default=0, show_default=True, help="With --rounds: seed of the task order.")
 def rollout_command(tasks_path, agent, agent_server, server_processes, group_size, concurrency, grader, timeout_s,
                     failure_reward, collector, protocol, run_id, agent_name, service_name, out_path, quiet,
-                    rounds, tasks_per_round, policy_url, policy_timeout_s, on_policy_timeout, seed):
+                    rounds, tasks_per_round, policy_url, policy_timeout_s, on_policy_timeout, policy_lag, seed):
     """Run an unchanged agent on every task G times, each run captured as an episode, and grade it.
 
     \b
@@ -81,7 +84,7 @@ def rollout_command(tasks_path, agent, agent_server, server_processes, group_siz
         raise click.UsageError(str(error)) from None
     if rounds is not None:
         _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, policy_url, policy_timeout_s,
-                            on_policy_timeout == "continue", seed,
+                            on_policy_timeout == "continue", seed, policy_lag,
                             dict(concurrency=concurrency, collector=collector, protocol=protocol, grader=grader,
                                  timeout_s=timeout_s, failure_reward=failure_reward, agent_name=agent_name,
                                  service_name=service_name), run_id, out_path)
@@ -115,7 +118,7 @@ def rollout_command(tasks_path, agent, agent_server, server_processes, group_siz
 
 
 def _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, policy_url, policy_timeout_s,
-                        continue_on_timeout, seed, options, run_id, out_path) -> None:
+                        continue_on_timeout, seed, policy_lag, options, run_id, out_path) -> None:
     """``--rounds``: one JSON summary line per round, results appended to ``--out``."""
     import uuid
 
@@ -134,7 +137,8 @@ def _run_rounds_command(tasks, target, rounds, tasks_per_round, group_size, poli
     try:
         run_rounds(tasks, target, rounds=rounds, tasks_per_round=tasks_per_round, group_size=group_size,
                    run_id=run_id or uuid.uuid4().hex[:8], policy_url=policy_url, policy_timeout_s=policy_timeout_s,
-                   continue_on_policy_timeout=continue_on_timeout, seed=seed, on_round=on_round, **options)
+                   continue_on_policy_timeout=continue_on_timeout, seed=seed, policy_lag=policy_lag,
+                   on_round=on_round, **options)
     except RolloutError as error:
         raise click.UsageError(str(error)) from None
     except PolicyWaitTimeout as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -46,18 +47,32 @@ def model_init_command(out: str, size: str, seed: int) -> None:
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Write a warmed copy here (default: replace the weights in --model).")
+@click.option("--demos", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Number of demonstrations (the first ones of the seeded stream).")
+@click.option("--save-every", type=click.IntRange(min=1), default=None,
+              help="Also keep a model folder every this many steps, under --checkpoints (DIR/step-N).")
+@click.option("--checkpoints", "checkpoints_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder of the --save-every model folders.")
 def model_warmup_command(model_dir: str, task: str, steps: int | None, stop_at_success: float | None,
-                         eval_every: int, seed: int, lr: float, out: str | None) -> None:
+                         eval_every: int, seed: int, lr: float, out: str | None, demos: int,
+                         save_every: int | None, checkpoints_dir: str | None) -> None:
     """Short supervised warm-up on a tool task (loss on assistant tokens), so RL starts above zero."""
     try:
-        from .warmup import DEFAULT_STEPS, TASKS, save_warmed, warmup
+        from .warmup import DEFAULT_STEPS, TASKS, save_checkpoint, save_warmed, warmup
     except ImportError as exc:  # pragma: no cover
         raise click.ClickException(f"model warmup needs torch and transformers ({exc})") from None
     if task not in TASKS:
         raise click.UsageError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")
     if steps is None:
         steps = DEFAULT_STEPS if stop_at_success is None else 1000
-    report = warmup(model_dir, task, steps, seed, lr, stop_at_success=stop_at_success, eval_every=eval_every)
+    if (save_every is None) != (checkpoints_dir is None):
+        raise click.UsageError("--save-every and --checkpoints go together")
+
+    def on_save(step: int, model) -> None:
+        save_checkpoint(model, model_dir, Path(checkpoints_dir) / f"step-{step}")
+
+    report = warmup(model_dir, task, steps, seed, lr, stop_at_success=stop_at_success, eval_every=eval_every,
+                    n_demos=demos, save_every=save_every, on_save=on_save if save_every else None)
     path = save_warmed(report, model_dir, out)
     success = ""
     if report.dev_success is not None:

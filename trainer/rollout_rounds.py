@@ -8,6 +8,11 @@ times through ``run_rollouts`` and, when ``policy_url`` is given, waits until th
 endpoint answers with a newer policy version (the ``x-tracetrain-policy-version`` header
 that ``tracetrain serve`` puts on every ``/v1/*`` response) before the next round, and
 after the last one (so the trainer has taken every round when it returns).
+With ``policy_lag=1`` sampling and training overlap: round i+1 starts as soon as the
+trainer has taken round i-1 (it pushes one version per round, so round k is taken when the
+version served at the start has grown by k+1), so the trainer updates on round i while
+round i+1 is sampled one version behind
+(the captured behaviour log-probs and PPO-clip importance ratios correct for it).
 Without ``policy_url`` rounds follow each other at once (off-policy: the trainer's
 importance ratios and staleness limit handle the lag).
 """
@@ -80,7 +85,7 @@ def round_tasks(tasks: Sequence[dict], tasks_per_round: int, round_index: int, s
 
 def run_rounds(tasks: Sequence[dict], agent: Any, *, rounds: int, tasks_per_round: int, group_size: int,
                run_id: str, policy_url: str | None = None, policy_timeout_s: float = 600.0,
-               continue_on_policy_timeout: bool = False, seed: int = 0,
+               continue_on_policy_timeout: bool = False, seed: int = 0, policy_lag: int = 0,
                on_round: Callable[[int, RolloutSummary, int | None], None] | None = None,
                **rollout_options: Any) -> list[RolloutSummary]:
     """Run ``rounds`` rounds of ``tasks_per_round`` x ``group_size`` episodes.
@@ -91,6 +96,8 @@ def run_rounds(tasks: Sequence[dict], agent: Any, *, rounds: int, tasks_per_roun
     with (None when unknown). A trainer that found nothing to learn from a round (every
     group scored alike) pushes nothing; with ``continue_on_policy_timeout`` the next round
     then samples with the same policy after ``policy_timeout_s`` instead of failing.
+    ``policy_lag`` (with ``policy_url``): how many rounds the trainer may still have to
+    take when the next round starts (0: strictly on-policy; 1: sample while it trains).
 
     Raises:
         PolicyWaitTimeout: ``policy_url`` did not move to a newer version in time (and
@@ -99,7 +106,11 @@ def run_rounds(tasks: Sequence[dict], agent: Any, *, rounds: int, tasks_per_roun
     """
     if rounds < 1:
         raise RolloutError("rounds must be >= 1")
+    if policy_lag < 0:
+        raise RolloutError("policy_lag must be >= 0")
     summaries = []
+    start_version = served_policy_version(policy_url) if policy_url and policy_lag else None
+    skipped = 0  # rounds the trainer took without a push (nothing to learn from): waited out once
     for index in range(rounds):
         version = served_policy_version(policy_url) if policy_url else None
         summary = run_rollouts(round_tasks(tasks, tasks_per_round, index, seed), agent, group_size=group_size,
@@ -107,11 +118,29 @@ def run_rounds(tasks: Sequence[dict], agent: Any, *, rounds: int, tasks_per_roun
         summaries.append(summary)
         if on_round:
             on_round(index, summary, version)
-        if policy_url:
-            try:
-                wait_for_policy_above(policy_url, version, policy_timeout_s)
-            except PolicyWaitTimeout as error:
-                if not continue_on_policy_timeout:
-                    raise
-                logger.warning("round %d: %s; sampling the next round with the same policy", index, error)
+        if not policy_url:
+            continue
+        if not policy_lag or start_version is None:
+            if not _await_newer(policy_url, version, policy_timeout_s, continue_on_policy_timeout, index):
+                skipped += 1
+            continue
+        # the trainer pushes one version per round it takes: round k is taken at start_version + k + 1
+        # (less the rounds it skipped); wait for round index - policy_lag, after the last round for all
+        taken = index - policy_lag if index < rounds - 1 else index
+        if taken >= 0 and not _await_newer(policy_url, start_version + taken - skipped, policy_timeout_s,
+                                           continue_on_policy_timeout, index):
+            skipped += 1
     return summaries
+
+
+def _await_newer(policy_url: str, version: int | None, timeout_s: float, continue_on_timeout: bool,
+                 index: int) -> bool:
+    """Wait for a version above ``version``; False when it timed out and ``continue_on_timeout``."""
+    try:
+        wait_for_policy_above(policy_url, version, timeout_s)
+        return True
+    except PolicyWaitTimeout as error:
+        if not continue_on_timeout:
+            raise
+        logger.warning("round %d: %s; sampling the next round with the same policy", index, error)
+        return False

@@ -31,6 +31,7 @@ import random
 import shutil
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -188,14 +189,22 @@ def _loss(model: Any, batch: tuple[Any, Any, Any]) -> Any:
 
 def warmup(model_dir: str | os.PathLike, task: str = "calc", steps: int = DEFAULT_STEPS, seed: int = 0,
            lr: float = DEFAULT_LR, stop_at_success: float | None = None,
-           eval_every: int = DEFAULT_EVAL_EVERY) -> WarmupReport:
+           eval_every: int = DEFAULT_EVAL_EVERY, n_demos: int = N_TRAIN, save_every: int | None = None,
+           on_save: Callable[[int, Any], None] | None = None) -> WarmupReport:
     """Short masked-SFT of the model in ``model_dir`` on ``task``; the model is in ``report.model``.
 
     With ``stop_at_success`` (0..1), ``steps`` is a maximum: every ``eval_every`` steps the
     model runs the dev problems greedily, multi-turn, with the tools (tool_eval), and
     training stops at the first evaluation whose success rate is >= the threshold.
+    ``n_demos`` demonstrations are used (the first ones of the seeded stream, so a smaller
+    set is a prefix of a larger one). With ``save_every``, ``on_save(step, model)`` is
+    called every that many steps (the "why RL" example keeps those checkpoints).
     """
     _check_task(task)
+    if n_demos < 1:
+        raise ValueError(f"n_demos must be >= 1, not {n_demos}")
+    if save_every is not None and (save_every < 1 or on_save is None):
+        raise ValueError("save_every must be >= 1 and needs on_save")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, not {steps}")
     if stop_at_success is not None and not 0.0 < stop_at_success <= 1.0:
@@ -211,7 +220,7 @@ def warmup(model_dir: str | os.PathLike, task: str = "calc", steps: int = DEFAUL
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
     pad_id = tok.pad_token_id
-    train = [encode_example(tok, ex["messages"]) for ex in make_examples(task, N_TRAIN, seed)]
+    train = [encode_example(tok, ex["messages"]) for ex in make_examples(task, n_demos, seed)]
     dev = make_examples(task, N_EVAL, seed + EVAL_SEED_OFFSET)
     held = _batch([encode_example(tok, ex["messages"]) for ex in dev], pad_id)
 
@@ -245,6 +254,8 @@ def warmup(model_dir: str | os.PathLike, task: str = "calc", steps: int = DEFAUL
         if step == 0:
             first = last
         done = step + 1
+        if save_every is not None and done % save_every == 0:
+            on_save(done, model)
         if stop_at_success is not None and done % eval_every == 0:
             success = dev_success()
             evals.append((done, success["all"]))
@@ -256,8 +267,16 @@ def warmup(model_dir: str | os.PathLike, task: str = "calc", steps: int = DEFAUL
     loss_after = held_out_loss()
     return WarmupReport(task=task, steps=done, seed=seed, lr=lr, loss_before=loss_before, loss_after=loss_after,
                         train_loss_first=first, train_loss_last=last, seconds=time.perf_counter() - t0,
-                        n_train=N_TRAIN, n_eval=N_EVAL, stop_at_success=stop_at_success, dev_success=success,
+                        n_train=n_demos, n_eval=N_EVAL, stop_at_success=stop_at_success, dev_success=success,
                         evals=evals if stop_at_success is not None else None, model=model)
+
+
+def save_checkpoint(model: Any, model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A loadable model folder at ``out``: ``model_dir``'s tokenizer and config files, ``model``'s weights."""
+    target = Path(out)
+    shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    return target
 
 
 def save_warmed(report: WarmupReport, model_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

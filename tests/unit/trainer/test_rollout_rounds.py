@@ -67,3 +67,50 @@ def test_wait_times_out_with_a_clear_error(version_server):
 
 def test_unreachable_endpoint_has_no_version():
     assert rollout_rounds.served_policy_version("http://127.0.0.1:9", timeout_s=0.5) is None
+
+
+def _record_rounds(monkeypatch, served: list[int]) -> list:
+    """Fake serving (``served``: the versions answered, in order) and rollouts; returns the log."""
+    log: list = []
+    answers = iter(served)
+    monkeypatch.setattr(rollout_rounds, "served_policy_version", lambda url: next(answers))
+    monkeypatch.setattr(rollout_rounds, "run_rollouts", lambda tasks, agent, run_id, **kw: log.append(run_id))
+    monkeypatch.setattr(rollout_rounds, "wait_for_policy_above",
+                        lambda url, version, timeout_s: log.append(("wait above", version)))
+    return log
+
+
+def test_on_policy_rounds_wait_for_a_version_newer_than_they_sampled_with(monkeypatch):
+    log = _record_rounds(monkeypatch, [0, 1, 2])
+    rollout_rounds.run_rounds([{"id": 1}, {"id": 2}], None, rounds=3, tasks_per_round=1, group_size=2, run_id="t",
+                              policy_url="http://x")
+    assert log == ["t-r0", ("wait above", 0), "t-r1", ("wait above", 1), "t-r2", ("wait above", 2)]
+
+
+def test_policy_lag_one_samples_the_next_round_while_the_trainer_takes_this_one(monkeypatch):
+    # served versions: at the start, then at the start of each round
+    log = _record_rounds(monkeypatch, [5, 5, 5, 6, 7])
+    rollout_rounds.run_rounds([{"id": 1}, {"id": 2}], None, rounds=4, tasks_per_round=1, group_size=2, run_id="t",
+                              policy_url="http://x", policy_lag=1)
+    # no wait after r0; after r1 wait until r0 is taken (one push past 5); after the last round wait
+    # until every round is taken (four pushes past 5)
+    assert log == ["t-r0", "t-r1", ("wait above", 5), "t-r2", ("wait above", 6), "t-r3", ("wait above", 8)]
+    with pytest.raises(RolloutError, match="policy_lag"):
+        rollout_rounds.run_rounds([{"id": 1}], None, rounds=1, tasks_per_round=1, group_size=1, run_id="t",
+                                  policy_url="http://x", policy_lag=-1)
+
+
+def test_a_round_taken_without_a_push_is_waited_out_once(monkeypatch):
+    log = _record_rounds(monkeypatch, [0, 0, 0, 0, 1])
+    timeouts = iter([True, False, True])  # the wait for r1 times out: the trainer pushed nothing for it
+
+    def wait(url, version, timeout_s):
+        log.append(("wait above", version))
+        if not next(timeouts):
+            raise rollout_rounds.PolicyWaitTimeout("no new version")
+
+    monkeypatch.setattr(rollout_rounds, "wait_for_policy_above", wait)
+    rollout_rounds.run_rounds([{"id": 1}, {"id": 2}], None, rounds=4, tasks_per_round=1, group_size=2, run_id="t",
+                              policy_url="http://x", policy_lag=1, continue_on_policy_timeout=True)
+    # r0 taken (> 0); r1 not (the wait above 1 times out); so the last round is all taken at 3 - 1 pushes
+    assert log == ["t-r0", "t-r1", ("wait above", 0), "t-r2", ("wait above", 1), "t-r3", ("wait above", 2)]
