@@ -86,7 +86,8 @@ def model_warmup_command(model_dir: str, task: str, steps: int | None, stop_at_s
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
               show_default=True, help="float32 makes served logprobs equal the trainer's (~1e-5).")
 @click.option("--max-model-len", type=int, default=1024, show_default=True)
-@click.option("--max-loras", type=int, default=2, show_default=True)
+@click.option("--max-loras", type=click.IntRange(min=0), default=2, show_default=True,
+              help="LoRA adapters served at once; 0 turns LoRA off (full-weight pushes only).")
 @click.option("--max-lora-rank", type=int, default=16, show_default=True)
 @click.option("--state-file", default=None, help="Policy-version state file (default: a fresh temp file).")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for startup.")

@@ -135,7 +135,9 @@ def build_command(py: Path, model_dir: str, port: int, dtype: str, max_model_len
             "--model", str(model_dir), "--served-model-name", served_name,
             "--host", "127.0.0.1", "--port", str(port),
             "--dtype", dtype, "--max-model-len", str(max_model_len), "--enforce-eager",
-            "--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank),
+            # max_loras 0: no LoRA layers in the model (full-weight pushes only)
+            *(["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank)]
+              if max_loras > 0 else []),
             "--logprobs-mode", "processed_logprobs", "--enable-prompt-tokens-details",
             "--worker-extension-cls", "vllm_ext.TracetrainWorkerExt",
             "--middleware", "vllm_ext.PolicyVersionMiddleware",

@@ -37,8 +37,9 @@ def test_quick_demo_closes_the_loop(tmp_path):
 
     steps = reader.query(work / "data", "SELECT step, n_transitions, policy_version FROM train_steps "
                                          "ORDER BY step").to_pylist()
-    assert steps and all(s["n_transitions"] > 0 for s in steps)
-    pushed = [s["policy_version"] for s in steps]
+    trained = [s for s in steps if s["policy_version"] is not None]  # a round with no signal pushes nothing
+    assert trained and all(s["n_transitions"] > 0 for s in trained)
+    pushed = [s["policy_version"] for s in trained]
     assert pushed == sorted(pushed) and pushed[-1] >= 1
     # spans sampled after a push carry the newer version: the served weights changed under the agent
     by_round = reader.query(work / "data", """

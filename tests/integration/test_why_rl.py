@@ -26,7 +26,7 @@ def test_quick_why_rl_trains_and_scores_both_arms(tmp_path):
                           capture_output=True, text=True, timeout=1100)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     result = json.loads((work / "why_rl.json").read_text())
-    assert result["demos"] == 32 and result["heldout"] == 32
+    assert result["demos"] == 128 and result["heldout"] == 32
     # SFT arm: a scored model folder every 10 of its 20 steps
     assert [p["step"] for p in result["sft"]] == [10, 20]
     # GRPO arm: the trainer's checkpoints (every 2 steps, and at exit), scored the same way

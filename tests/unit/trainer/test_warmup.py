@@ -145,3 +145,25 @@ def test_cli_stop_at_success_option(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli_serving.model_group, ["warmup", "--model", str(d), "--task", "tools",
                                                      "--stop-at-success", "0"])
     assert r.exit_code == 2 and "--stop-at-success" in r.output
+
+
+def test_few_demos_and_a_model_folder_every_k_steps(tmp_path):
+    d = model_init.init_model(tmp_path / "m", size="tiny", seed=0)
+    r = CliRunner().invoke(cli_serving.model_group, [
+        "warmup", "--model", str(d), "--task", "tools", "--steps", "4", "--demos", "8", "--save-every", "2",
+        "--checkpoints", str(tmp_path / "ckpt"), "--out", str(tmp_path / "final")])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-2", "step-4"]
+    meta = json.loads((tmp_path / "final" / "tracetrain_model.json").read_text())
+    assert meta["warmup"]["n_train"] == 8
+    step2 = load_file(str(tmp_path / "ckpt" / "step-2" / "model.safetensors"))
+    step4 = load_file(str(tmp_path / "ckpt" / "step-4" / "model.safetensors"))
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert all(torch.equal(step4[k], final[k]) for k in final)  # the last folder is the final model
+    assert any(not torch.equal(step2[k], step4[k]) for k in step2)
+    assert (tmp_path / "ckpt" / "step-2" / "tokenizer.json").exists()  # each folder loads on its own
+    # a smaller demo set is a prefix of a larger one
+    assert warmup.make_examples("tools", 8, 0) == warmup.make_examples("tools", 32, 0)[:8]
+    bad = CliRunner().invoke(cli_serving.model_group, ["warmup", "--model", str(d), "--task", "tools",
+                                                       "--steps", "1", "--save-every", "2"])
+    assert bad.exit_code == 2 and "--save-every and --checkpoints go together" in bad.output
