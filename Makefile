@@ -86,7 +86,7 @@ demo: install serve-env  ## the main job: an unchanged agent learns from its tra
 demo-quick: install serve-env  ## the demo's short form (what CI runs): the loop closes in ~2 minutes
 	$(PY) examples/demo.py --quick
 
-demo-why-rl: install serve-env  ## few demonstrations: SFT plateaus, GRPO with a verifier keeps improving (one plot; docs/examples.md)
+demo-why-rl: install serve-env  ## few demonstrations, then more SFT or GRPO with a verifier: both curves on one plot (docs/examples.md)
 	$(PY) examples/why_rl.py
 
 demo-two-agents: install serve-env  ## two agents, one trained (LoRA): the other's weights stay byte-identical (docs/examples.md)

@@ -1,4 +1,4 @@
-"""`make demo-why-rl`: with few demonstrations, SFT stalls; GRPO with just a verifier keeps improving.
+"""`make demo-why-rl`: few demonstrations, then more SFT on them or GRPO with just a verifier (one plot).
 
 The case for RL on this task (shared/notes/rl-feasibility.md, variant B), run with tracetrain's
 own commands:
