@@ -55,18 +55,19 @@ def write_report(demo: Any) -> dict:
     sampling_s = sum(r["wall_s"] for r in demo.rounds)
     training_s = sum(s["step_s"] or 0 for s in steps)
     push_s = sum(s["push_s"] or 0 for s in steps)
-    versions = [s["policy_version"] for s in steps if s["policy_version"] is not None]
     # a round whose groups all scored alike leaves a step row with nothing trained and no push
     trained = [s for s in steps if s["policy_version"] is not None]
+    versions = [s["policy_version"] for s in trained]
     loop_closed = bool(figures["spans"] > 0 and trained and all(s["n_transitions"] for s in trained)
-                       and versions and after["policy_version_min"] is not None
+                       and after["policy_version_min"] is not None
                        and after["policy_version_min"] > before["policy_version_max"]
                        and (figures["train_calls"]["hi"] or 0) > (figures["train_calls"]["lo"] or 0))
     summary = {
         "success_before": before["success"], "success_after": after["success"],
         "improvement_pts": round(100 * (after["success"] - before["success"]), 1),
         "ratio": round(after["success"] / before["success"], 2) if before["success"] else None,
-        "steps": len(steps), "steps_without_signal": len(steps) - len(trained), "wall_s": round(wall_s, 1), "evals": demo.evals,
+        "steps": len(steps), "steps_without_signal": len(steps) - len(trained), "wall_s": round(wall_s, 1),
+        "evals": demo.evals,
         "policy_version_before": before["policy_version_max"], "policy_version_after": after["policy_version_min"],
         "policy_versions_pushed": versions[-1] if versions else 0,
         "spans_ingested": figures["spans"], "train_llm_calls": figures["train_calls"]["calls"],

@@ -44,22 +44,21 @@ AGENTS = ("caller", "answerer")
 MODEL_VARIABLES = {"caller": "TWO_AGENTS_CALLER_MODEL", "answerer": "TWO_AGENTS_ANSWERER_MODEL"}
 
 
-def _load_tools():
-    """examples/tool_agent.py, the single-agent version: its tools, client and reply format.
+def _load_example(file_name: str, module_name: str):
+    """Another examples/ file as a module, loaded once.
 
     Loaded by path because examples/ is not a package and this file is itself loaded by path
     (``--agent examples/two_agent_system.py:solve``).
     """
-    name = "tracetrain_example_tool_agent"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("tool_agent.py"))
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).with_name(file_name))
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        sys.modules[module_name] = module
         spec.loader.exec_module(module)
-    return sys.modules[name]
+    return sys.modules[module_name]
 
 
-tools = _load_tools()
+tools = _load_example("tool_agent.py", "tracetrain_example_tool_agent")  # tools, client, reply format
 _tracer = trace.get_tracer("two_agent_system")
 
 
@@ -98,11 +97,7 @@ def solve(task: dict) -> str:
 
 def grade(task: dict, answer: str | None) -> float:
     """examples/demo_tasks.py's ``grade_partial``: 1.0 right, 0.1 a wrong number, else 0.0."""
-    spec = importlib.util.spec_from_file_location("tracetrain_example_demo_tasks",
-                                                  Path(__file__).with_name("demo_tasks.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.grade_partial(task, answer)
+    return _load_example("demo_tasks.py", "tracetrain_example_demo_tasks").grade_partial(task, answer)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def run_rounds(tasks: Sequence[dict], agent: Any, *, rounds: int, tasks_per_roun
         raise RolloutError("policy_lag must be >= 0")
     summaries = []
     start_version = served_policy_version(policy_url) if policy_url and policy_lag else None
-    skipped = 0  # rounds the trainer took without a push (nothing to learn from): waited out once
+    skipped = 0  # with policy_lag: rounds the trainer took without a push, each waited out once
     for index in range(rounds):
         version = served_policy_version(policy_url) if policy_url else None
         summary = run_rollouts(round_tasks(tasks, tasks_per_round, index, seed), agent, group_size=group_size,
@@ -121,8 +121,7 @@ def run_rounds(tasks: Sequence[dict], agent: Any, *, rounds: int, tasks_per_roun
         if not policy_url:
             continue
         if not policy_lag or start_version is None:
-            if not _await_newer(policy_url, version, policy_timeout_s, continue_on_policy_timeout, index):
-                skipped += 1
+            _await_newer(policy_url, version, policy_timeout_s, continue_on_policy_timeout, index)
             continue
         # the trainer pushes one version per round it takes: round k is taken at start_version + k + 1
         # (less the rounds it skipped); wait for round index - policy_lag, after the last round for all

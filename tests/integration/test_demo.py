@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
 from tracetrain.collector import reader
 
-ROOT = Path(__file__).resolve().parents[2]
-SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
+from tests.integration.vllm_fixtures import run_quick_example
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_quick_demo_closes_the_loop(tmp_path):
-    if not SERVE_PYTHON.exists():
-        if os.environ.get("CI"):
-            pytest.fail(".venv-serve is missing in CI (make serve-env)")
-        pytest.skip("no .venv-serve (make serve-env)")
     work = tmp_path / "demo"
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--quick", "--workdir", str(work)],
-                          capture_output=True, text=True, timeout=1100)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    done = run_quick_example("demo.py", work, timeout_s=1100)
     summary = json.loads((work / "summary.json").read_text())
     assert summary["loop_closed"] is True
     assert summary["spans_ingested"] > 0

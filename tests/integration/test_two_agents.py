@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.integration.test_tool_agent import server, tool_agent  # noqa: F401 - fixture: scripted OpenAI server
 from tracetrain.collector import reader
 from tracetrain.trainer import store
 from tracetrain.trainer import transitions as tr
 
+from tests.integration.test_tool_agent import server, tool_agent  # noqa: F401 - fixture: scripted OpenAI server
+from tests.integration.vllm_fixtures import run_quick_example
+
 ROOT = Path(__file__).resolve().parents[2]
-SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
 BIN = Path(sys.executable).parent
 SYSTEM = f"{ROOT / 'examples' / 'two_agent_system.py'}:solve"
 GRADER = f"{ROOT / 'examples' / 'demo_tasks.py'}:grade"
@@ -66,14 +66,8 @@ def test_each_agents_calls_are_stored_under_its_name(tmp_path, collector, data_d
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_two_agents_trains_only_the_selected_agent(tmp_path):
-    if not SERVE_PYTHON.exists():
-        if os.environ.get("CI"):
-            pytest.fail(".venv-serve is missing in CI (make serve-env)")
-        pytest.skip("no .venv-serve (make serve-env)")
     work = tmp_path / "two"
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "two_agents.py"), "--quick", "--workdir", str(work)],
-                          capture_output=True, text=True, timeout=850)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    run_quick_example("two_agents.py", work, timeout_s=850)
     summary = json.loads((work / "summary.json").read_text())
     assert summary["ok"] is True, summary["checks"]
 

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
+from tests.integration.vllm_fixtures import run_quick_example
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_quick_why_rl_trains_and_scores_both_arms(tmp_path):
-    if not SERVE_PYTHON.exists():
-        if os.environ.get("CI"):
-            pytest.fail(".venv-serve is missing in CI (make serve-env)")
-        pytest.skip("no .venv-serve (make serve-env)")
     work = tmp_path / "why-rl"
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "why_rl.py"), "--quick", "--workdir", str(work)],
-                          capture_output=True, text=True, timeout=1100)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    done = run_quick_example("why_rl.py", work, timeout_s=1100)
     result = json.loads((work / "why_rl.json").read_text())
     assert result["demos"] == 128 and result["heldout"] == 32
     # SFT arm: a scored model folder every 10 of its 20 steps

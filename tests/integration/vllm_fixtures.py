@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-
 from tracetrain.trainer import model_init, serving
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
 
 
 def free_port() -> int:
@@ -38,3 +43,18 @@ def server(model_dir, tmp_path_factory):
     yield handle
     handle.stop()
     assert not handle.alive()
+
+
+def run_quick_example(script: str, work: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``examples/<script> --quick --workdir work`` and check it exits 0; its output is returned.
+
+    The examples start `tracetrain serve`: without .venv-serve this skips, or fails under CI.
+    """
+    if not SERVE_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(".venv-serve is missing in CI (make serve-env)")
+        pytest.skip("no .venv-serve (make serve-env)")
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--quick", "--workdir", str(work)],
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
