@@ -2,7 +2,7 @@
 
 Every stage is a plain `tracetrain` command a user could type (docs/demo.md lists them):
 
-1. `tracetrain model init` + `tracetrain model warmup --task tools --stop-at-success 0.2`:
+1. `tracetrain model init` + `tracetrain model warmup --task tools --stop-at-success 0.2 --eval-every 2`:
    a tiny Qwen2 made offline, warmed up until ~20% of its tool problems succeed;
 2. `tracetrain collector`: the span store;
 3. `tracetrain serve`: vLLM serving that model, with versioned weight pushes;
@@ -149,7 +149,8 @@ class Demo:
             shutil.copytree(self.args.start_model, self.model)
         else:
             self.run("model_init_s", [*TT, "model", "init", "--out", str(self.model), "--seed", str(self.args.seed)])
-            warmup = ["--stop-at-success", str(self.args.warmup_stop)]
+            # the success curve is a cliff (~14% to ~40% within 6 steps): evaluate often to stop on its edge
+            warmup = ["--stop-at-success", str(self.args.warmup_stop), "--eval-every", "2"]
             self.run("warmup_s", [*TT, "model", "warmup", "--model", str(self.model), "--task", "tools",
                                   "--seed", str(self.args.seed), *warmup])
         n_train = max(self.args.rounds * self.args.tasks_per_round, 64)

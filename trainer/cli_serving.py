@@ -19,7 +19,7 @@ def model_group() -> None:
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed -> identical files.")
 def model_init_command(out: str, size: str, seed: int) -> None:
-    """A random-init Qwen2 (head_dim 64, untied lm_head, fp32) and a byte-level BPE tokenizer."""
+    """A random-init Qwen2 (head_dim 64, lm_head tied to the embeddings, fp32) and a byte-level BPE tokenizer."""
     try:
         from .model_init import folder_digest, init_model
         path = init_model(out, size=size, seed=seed)

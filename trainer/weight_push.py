@@ -151,6 +151,16 @@ class WeightPusher:
             self._shapes = shapes
         return self._shapes
 
+    def _ties_embeddings(self) -> bool:
+        """Whether the served model's config ties lm_head to the input embeddings."""
+        if not self.base_model_dir:
+            return False
+        try:
+            config = json.loads((Path(self.base_model_dir) / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(config.get("tie_word_embeddings", False))
+
     def validate_full(self, dest: Path) -> None:
         """Names, shapes and finiteness against the served model, before the server sees anything.
 
@@ -178,7 +188,10 @@ class WeightPusher:
     def _write_full(self, weights: Any, dest: Path) -> None:
         if isinstance(weights, Mapping):
             from safetensors.torch import save_file
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+            # a tied lm_head is the embedding itself: its checkpoint holds the embedding only
+            # (and safetensors refuses two names for one storage)
+            tied = {"lm_head.weight"} if self._ties_embeddings() else set()
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items() if k not in tied}
             save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
         else:
             src = Path(weights)

@@ -30,18 +30,22 @@ def test_same_seed_identical_files(made):
     assert model_init.folder_digest(a) != model_init.folder_digest(c)
 
 
-def test_config_untied_head_dim_64_fp32(made):
+def test_config_tied_head_dim_64_fp32(made):
     a = made[0]
     cfg = json.loads((a / "config.json").read_text())
     assert cfg["model_type"] == "qwen2"
-    assert cfg["tie_word_embeddings"] is False
+    assert cfg["tie_word_embeddings"] is True
+    assert cfg["initializer_range"] == 0.02
     assert cfg["head_dim"] == 64
     assert cfg["hidden_size"] // cfg["num_attention_heads"] == 64
     from safetensors.torch import load_file
     sd = load_file(str(a / "model.safetensors"))
-    assert "lm_head.weight" in sd
+    # tied: the checkpoint holds the embeddings only, and the loaded head is the same tensor
+    assert "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd
     assert all(t.dtype == torch.float32 for t in sd.values())
-    assert not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(a), local_files_only=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def test_tokenizer_chat_template_and_tool_calls(made):
@@ -70,6 +74,6 @@ def test_tokenizer_chat_template_and_tool_calls(made):
 
 def test_small_size_and_bad_size(tmp_path):
     cfg = model_init.build_config("small", 512, model_init.build_tokenizer(0))
-    assert cfg.head_dim == 64 and cfg.tie_word_embeddings is False
+    assert cfg.head_dim == 64 and cfg.tie_word_embeddings is True
     with pytest.raises(ValueError):
         model_init.build_config("huge", 512, model_init.build_tokenizer(0))
