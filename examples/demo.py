@@ -45,8 +45,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=str(ROOT / "tracetrain-data" / "demo"), help="fresh folder for everything")
-    parser.add_argument("--rounds", type=int, default=160, help="GRPO steps (one rollout round each)")
-    parser.add_argument("--eval-every", type=int, default=40, help="rounds between held-out evaluations")
+    parser.add_argument("--rounds", type=int, default=100, help="GRPO steps (one rollout round each)")
+    parser.add_argument("--eval-every", type=int, default=20, help="rounds between held-out evaluations")
     parser.add_argument("--tasks-per-round", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=128, help="episodes in flight")
