@@ -3,10 +3,11 @@
 The case for RL on this task (shared/notes/rl-feasibility.md, variant B), run with tracetrain's
 own commands:
 
-1. `tracetrain model init`, then `tracetrain model warmup --demos 128 --steps 600`: the tiny
-   model learns the tool format from 128 demonstrations, half the demo's (with 32 or 64 this
-   model learns nothing that transfers: 1% and 0% held-out), the common start of both arms;
-2. SFT arm: `tracetrain model warmup --demos 128` goes on training on the same demos,
+1. `tracetrain model init`, then `tracetrain model warmup --demos 80 --steps 300`: the tiny
+   model learns the tool format from 80 demonstrations, under a third of the demo's 256
+   (with 64 or fewer it learns nothing that transfers, ~1% held-out; with 96 or more SFT
+   alone goes past 75%), the common start of both arms;
+2. SFT arm: `tracetrain model warmup --demos 80` goes on training on the same demos,
    keeping a model folder every `--sft-save-every` steps;
 3. GRPO arm: the demo's loop (examples/demo.py with `--start-model`): `tracetrain collector`,
    `tracetrain serve`, `tracetrain rollout --rounds --await-policy` of the unchanged agent on
@@ -42,13 +43,13 @@ TT = demo.TT
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=str(ROOT / "tracetrain-data" / "why-rl"), help="fresh folder")
-    parser.add_argument("--demos", type=int, default=128, help="demonstrations both arms get")
-    parser.add_argument("--start-steps", type=int, default=600, help="SFT steps of the common start")
+    parser.add_argument("--demos", type=int, default=80, help="demonstrations both arms get")
+    parser.add_argument("--start-steps", type=int, default=300, help="SFT steps of the common start")
     parser.add_argument("--sft-steps", type=int, default=1200, help="further SFT steps (SFT arm)")
     parser.add_argument("--sft-save-every", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=150, help="GRPO steps (GRPO arm)")
+    parser.add_argument("--rounds", type=int, default=100, help="GRPO steps (GRPO arm)")
     parser.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO learning rate (the demo's)")
-    parser.add_argument("--grpo-checkpoint-every", type=int, default=25)
+    parser.add_argument("--grpo-checkpoint-every", type=int, default=20)
     parser.add_argument("--heldout", type=int, default=256, help="held-out tasks scored per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",

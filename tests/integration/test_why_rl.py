@@ -15,7 +15,7 @@ def test_quick_why_rl_trains_and_scores_both_arms(tmp_path):
     work = tmp_path / "why-rl"
     done = run_quick_example("why_rl.py", work, timeout_s=1100)
     result = json.loads((work / "why_rl.json").read_text())
-    assert result["demos"] == 128 and result["heldout"] == 32
+    assert result["demos"] == 80 and result["heldout"] == 32
     # SFT arm: a scored model folder every 10 of its 20 steps
     assert [p["step"] for p in result["sft"]] == [10, 20]
     # GRPO arm: the trainer's checkpoints (every 2 steps, and at exit), scored the same way
