@@ -161,7 +161,7 @@ def init_model(out: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Pat
     tok.save_pretrained(out)
     (out / "tracetrain_model.json").write_text(json.dumps(
         {"size": size, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
-         "tie_word_embeddings": True, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
+         "tie_word_embeddings": config.tie_word_embeddings, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
     return out
 
 

@@ -152,14 +152,16 @@ class WeightPusher:
         return self._shapes
 
     def _ties_embeddings(self) -> bool:
-        """Whether the served model's config ties lm_head to the input embeddings."""
-        if not self.base_model_dir:
-            return False
-        try:
-            config = json.loads((Path(self.base_model_dir) / "config.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return bool(config.get("tie_word_embeddings", False))
+        """Whether the served model's config ties lm_head to the input embeddings (read once)."""
+        if not hasattr(self, "_tied"):
+            config: dict = {}
+            if self.base_model_dir:
+                try:
+                    config = json.loads((Path(self.base_model_dir) / "config.json").read_text())
+                except (OSError, ValueError):
+                    config = {}
+            self._tied = bool(config.get("tie_word_embeddings", False))
+        return self._tied
 
     def validate_full(self, dest: Path) -> None:
         """Names, shapes and finiteness against the served model, before the server sees anything.

@@ -21,17 +21,27 @@ def tied_model(tmp_path_factory):
     return model_init.init_model(tmp_path_factory.mktemp("m") / "tiny")
 
 
-def test_tied_alias_is_left_out_and_the_checkpoint_validates(tied_model, tmp_path):
-    from safetensors import safe_open
+def _state(model_dir):
+    """What the trainer pushes: the live model's state dict (a tied head appears under both names)."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(tied_model))
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    return {k: v.detach() for k, v in AutoModelForCausalLM.from_pretrained(str(model_dir)).state_dict().items()}
+
+
+def _write(state, model_dir, tmp_path):
+    """Write ``state`` as the pusher writes a full push (no server needed); return (pusher, folder)."""
     pusher = WeightPusher("http://127.0.0.1:9", str(tmp_path / "state.json"), str(tmp_path / "push"),
-                          base_model_dir=str(tied_model))
+                          base_model_dir=str(model_dir))
     dest = tmp_path / "v1"
     dest.mkdir()
     pusher._write_full(state, dest)
+    return pusher, dest
+
+
+def test_tied_alias_is_left_out_and_the_checkpoint_validates(tied_model, tmp_path):
+    from safetensors import safe_open
+    state = _state(tied_model)
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    pusher, dest = _write(state, tied_model, tmp_path)
     with safe_open(str(dest / "model.safetensors"), "pt") as st:
         keys = set(st.keys())
         assert torch.equal(st.get_tensor("model.embed_tokens.weight"), state["model.embed_tokens.weight"])
@@ -40,13 +50,8 @@ def test_tied_alias_is_left_out_and_the_checkpoint_validates(tied_model, tmp_pat
 
 
 def test_wrong_shapes_are_still_refused(tied_model, tmp_path):
-    from transformers import AutoModelForCausalLM
-    state = {k: v.detach() for k, v in AutoModelForCausalLM.from_pretrained(str(tied_model)).state_dict().items()}
+    state = _state(tied_model)
     state["model.norm.weight"] = torch.ones(7)
-    pusher = WeightPusher("http://127.0.0.1:9", str(tmp_path / "state.json"), str(tmp_path / "push"),
-                          base_model_dir=str(tied_model))
-    dest = tmp_path / "v1"
-    dest.mkdir()
-    pusher._write_full(state, dest)
+    pusher, dest = _write(state, tied_model, tmp_path)
     with pytest.raises(PushError, match="model.norm.weight"):
         pusher.validate_full(dest)
